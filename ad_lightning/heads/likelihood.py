@@ -1,0 +1,50 @@
+"""Head `likelihood` (InvAD): latent likelihood after DDIM inversion (METHODS.md section 5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ad_lightning.diffusion import EpsFn, ddim_invert, space_timesteps
+from ad_lightning.heads.base import Head, HeadOutput, Normalizer
+
+
+class LikelihoodHead(Head):
+    """Invert z0 along an S-step grid to the latent z_T and score it under N(0, I).
+
+    Terms: `nll` = 0.5 ||z_T||^2 and `sp` = max - min of the spatial norm map
+    m(i, j) = ||z_T[:, i, j]||_2. Image score = n(nll) + n(sp), each normaliser fitted on
+    normal validation images; the anomaly map is m.
+    """
+
+    name = "likelihood"
+
+    def __init__(
+        self,
+        steps: int = 3,
+        start: int = 0,
+        end: int | None = None,
+        num_timesteps: int = 1000,
+        normalization: str = "minmax",
+    ) -> None:
+        super().__init__()
+        self.timesteps = space_timesteps(num_timesteps, steps, start, end)
+        self.norms = nn.ModuleDict({"nll": Normalizer(normalization), "sp": Normalizer(normalization)})
+
+    @property
+    def nfe(self) -> int:
+        return len(self.timesteps)
+
+    def evaluate(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> HeadOutput:
+        z_T = ddim_invert(z0.float(), eps_fn, alpha_bar, self.timesteps, final_alpha=0.0)
+        m = torch.linalg.vector_norm(z_T, dim=1)  # [B, C, h, w] -> [B, h, w]
+        flat = m.flatten(1)  # [B, h*w]
+        nll = 0.5 * z_T.pow(2).flatten(1).sum(dim=1)
+        return HeadOutput(terms={"nll": nll, "sp": flat.amax(1) - flat.amin(1)}, map=m)
+
+    def fit(self, normal_terms: dict[str, Tensor]) -> None:
+        for key, norm in self.norms.items():
+            norm.fit(normal_terms[key])
+
+    def score(self, terms: dict[str, Tensor]) -> Tensor:
+        return self.norms["nll"](terms["nll"]) + self.norms["sp"](terms["sp"])
