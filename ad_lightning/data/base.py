@@ -1,0 +1,218 @@
+"""The dataset item and the DataModule that every dataset layout builds on.
+
+A subclass only says where a category's samples are (`make_samples`); this base turns them into
+train / normal-validation / test datasets and dataloaders, the same way for every layout.
+"""
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ad_lightning.data.images import IMAGE_EXTENSIONS, BadInputError, list_images, read_image, read_mask
+
+NORMAL_DEFECT = "good"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on disk and what is known about it."""
+
+    image_path: Path
+    label: int  # 0 normal, 1 anomalous
+    mask_path: Path | None  # None for normal images (zero mask)
+    category: str
+    defect: str  # "good" for normal images
+
+
+class AnomalyDataset(Dataset):
+    """Loads `Sample`s as un-normalised tensors at `image_size` (no augmentation)."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        size = self.image_size
+        if sample.mask_path is None:
+            mask = torch.zeros(1, size, size)
+        else:
+            mask = read_mask(sample.mask_path, size)
+        return {
+            "image": read_image(sample.image_path, size),  # [3, H, W] in [0, 1]
+            "mask": mask,  # [1, H, W] in {0, 1}
+            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "path": str(sample.image_path),
+            "category": sample.category,
+            "defect": sample.defect,
+        }
+
+
+def split_normal(
+    samples: Sequence[Sample], category: str, val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Seeded (train, val) split of one category's normal training images.
+
+    The generator is seeded from `seed` and the category name (crc32, not Python's salted
+    hash) and the samples are sorted first, so every process and machine draws the same split
+    and a category's split does not depend on which other categories are loaded.
+    """
+    ordered = sorted(samples, key=lambda s: s.image_path)
+    n_val = max(1, round(val_fraction * len(ordered)))
+    if n_val >= len(ordered):
+        raise BadInputError(
+            f"category {category!r} has {len(ordered)} normal training image(s), too few to hold out "
+            f"{n_val} for validation; add normal images or lower --data.val_fraction"
+        )
+    rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
+    is_val = np.zeros(len(ordered), dtype=bool)
+    is_val[rng.permutation(len(ordered))[:n_val]] = True
+    train = [s for s, v in zip(ordered, is_val) if not v]
+    val = [s for s, v in zip(ordered, is_val) if v]
+    return train, val
+
+
+def check_test_masks(samples: Sequence[Sample]) -> None:
+    """Fail in setup, not mid-test, when a sample's ground-truth mask file is missing."""
+    for sample in samples:
+        if sample.mask_path is not None and not sample.mask_path.is_file():
+            raise FileNotFoundError(
+                f"{sample.defect} image {sample.image_path} has no ground-truth mask at {sample.mask_path}; "
+                f"add the mask there or remove the image"
+            )
+
+
+class AnomalyDataModule(lightning.LightningDataModule):
+    """Base: subclasses only say where the samples are."""
+
+    CATEGORIES: tuple[str, ...] = ()
+    DATA_HINT = "check --data.root"  # how to get the data; subclasses name the download and layout
+
+    def __init__(
+        self,
+        root: str | Path,
+        category: str | list[str] = "all",
+        image_size: int = 256,
+        train_batch_size: int = 32,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise BadInputError(f"val_fraction={val_fraction} must be in (0, 1); set --data.val_fraction, e.g. 0.1")
+        sizes = {"image_size": image_size, "train_batch_size": train_batch_size, "eval_batch_size": eval_batch_size}
+        for name, value in sizes.items():
+            if value < 1:
+                raise BadInputError(f"{name}={value} must be a positive integer; set --data.{name}")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.category = category
+        self.image_size = image_size
+        self.train_batch_size = train_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.train_dataset: AnomalyDataset | None = None
+        self.val_dataset: AnomalyDataset | None = None
+        self.test_dataset: AnomalyDataset | None = None
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories to load: one name, a list, or "all" (CATEGORIES, else the sub-directories of root)."""
+        if self.category == "all":
+            return list(self.CATEGORIES) or self._discover_categories()
+        names = self.category.split(",") if isinstance(self.category, str) else list(self.category)
+        unknown = [name for name in names if self.CATEGORIES and name not in self.CATEGORIES]
+        if unknown or not names:
+            valid = ", ".join(self.CATEGORIES) or "the sub-directories of the data root"
+            raise BadInputError(
+                f"unknown category {unknown or names} for {type(self).__name__} under {self.root}; "
+                f"set --data.category to one or more of: {valid}, or 'all'"
+            )
+        return names
+
+    def _discover_categories(self) -> list[str]:
+        """Sub-directories of root, sorted, hidden ones skipped."""
+        self.check_root()
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not found:
+            raise BadInputError(f"no category directories under data root {self.root}; {self.DATA_HINT}")
+        return found
+
+    def check_root(self) -> None:
+        """Fail early, naming the root and how to get the data, when root is not a directory."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data root {self.root} does not exist; check --data.root. {self.DATA_HINT}")
+
+    def require_dir(self, directory: Path) -> Path:
+        """`directory`, failing with its name and how to get the data when it does not exist."""
+        if not directory.is_dir():
+            raise FileNotFoundError(f"expected directory {directory} does not exist; {self.DATA_HINT}")
+        return directory
+
+    def require_images(self, directory: Path) -> list[Path]:
+        """`list_images(directory)`, failing with the directory's name when it is missing or empty."""
+        images = list_images(self.require_dir(directory))
+        if not images:
+            raise BadInputError(
+                f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {directory}; {self.DATA_HINT}"
+            )
+        return images
+
+    def make_samples(self, category: str) -> tuple[list[Sample], list[Sample]]:
+        """(normal training samples, test samples) of one category; each layout implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_samples(category)")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train, normal-validation and test datasets once (later calls do nothing)."""
+        if self.test_dataset is not None:
+            return
+        self.check_root()
+        train, val, test = [], [], []
+        for category in self.categories:
+            train_good, test_samples = self.make_samples(category)
+            check_test_masks(test_samples)
+            category_train, category_val = split_normal(train_good, category, self.val_fraction, self.seed)
+            train += category_train
+            val += category_val
+            test += test_samples
+        self.train_dataset = AnomalyDataset(train, self.image_size)
+        self.val_dataset = AnomalyDataset(val, self.image_size)
+        self.test_dataset = AnomalyDataset(test, self.image_size)
+
+    def _loader(self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.train_batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
