@@ -5,15 +5,17 @@ train / normal-validation / test datasets and dataloaders, the same way for ever
 """
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ad_lightning.features.cache import FeatureDataset, extract_features
 from ad_lightning.data.images import IMAGE_EXTENSIONS, BadInputError, list_images, read_image, read_mask
 
 NORMAL_DEFECT = "good"
@@ -127,6 +129,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.train_dataset: AnomalyDataset | None = None
         self.val_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
+        self.feature_sets: dict[str, FeatureDataset] = {}  # split -> cached backbone features
 
     @property
     def categories(self) -> list[str]:
@@ -134,7 +137,8 @@ class AnomalyDataModule(lightning.LightningDataModule):
         if self.category == "all":
             return list(self.CATEGORIES) or self._discover_categories()
         names = self.category.split(",") if isinstance(self.category, str) else list(self.category)
-        unknown = [name for name in names if self.CATEGORIES and name not in self.CATEGORIES]
+        # any directory under root is a category (a custom set in the same layout); else it must be known
+        unknown = [n for n in names if self.CATEGORIES and n not in self.CATEGORIES and not (self.root / n).is_dir()]
         if unknown or not names:
             valid = ", ".join(self.CATEGORIES) or "the sub-directories of the data root"
             raise BadInputError(
@@ -192,7 +196,22 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.val_dataset = AnomalyDataset(val, self.image_size)
         self.test_dataset = AnomalyDataset(test, self.image_size)
 
-    def _loader(self, dataset: AnomalyDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def cache_features(self, encode: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> Tensor:
+        """Run the frozen backbone `encode` over the train and validation images once.
+
+        From then on the train and validation loaders serve `{"features": [C, h, w]}` items instead
+        of images, so training never pays for the backbone again. Returns the training features
+        [N, C, h, w] (for the feature statistics).
+        """
+        self.setup("fit")
+        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
+            features = extract_features(
+                encode, dataset, self.eval_batch_size, device, self.num_workers, desc=f"{split} features"
+            )
+            self.feature_sets[split] = FeatureDataset(features)
+        return self.feature_sets["train"].features
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
         return DataLoader(
@@ -206,10 +225,10 @@ class AnomalyDataModule(lightning.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.train_batch_size, shuffle=True)
+        return self._loader(self.feature_sets.get("train", self.train_dataset), self.train_batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+        return self._loader(self.feature_sets.get("val", self.val_dataset), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

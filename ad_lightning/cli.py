@@ -1,0 +1,54 @@
+"""Command line: `python -m ad_lightning fit|validate|test|predict` (LightningCLI).
+
+Defaults (ad_lightning/configs/default.yaml) train the `tiny` denoiser on the built-in demo set,
+so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by short name
+(`--data MVTecAD --data.root R --data.category C`); configs may use `${...}` interpolation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from ad_lightning.data import AnomalyDataModule
+from ad_lightning.lit import FeatureDDPM
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def resolve_checkpoint(path: str | None) -> str | None:
+    """A directory stands for the newest `*.ckpt` below it (e.g. `--ckpt_path runs`)."""
+    if path is None or not Path(path).is_dir():
+        return path
+    found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no *.ckpt file under {path}; train one with `python -m ad_lightning fit` first")
+    print(f"checkpoint: {found[-1]}")
+    return str(found[-1])
+
+
+class ADLightningCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and "ckpt_path" in self.config[subcommand]:
+            self.config[subcommand].ckpt_path = resolve_checkpoint(self.config[subcommand].ckpt_path)
+
+    def after_fit(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and self.trainer.is_global_zero:
+            print(f"checkpoint: {callback.last_model_path or callback.best_model_path}")
+
+
+def main(args: list[str] | None = None) -> None:
+    sub_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(DEFAULT_CONFIG)]}
+    ADLightningCLI(
+        FeatureDDPM,
+        AnomalyDataModule,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf", **{name: dict(sub_kwargs) for name in SUBCOMMANDS}},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

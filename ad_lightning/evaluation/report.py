@@ -1,0 +1,201 @@
+"""Collect test-time scores, compute metrics per category and write the run's report files.
+
+Every `test` writes into the run directory (DESIGN.md contracts):
+- `metrics.json`: per head the metrics (mean over categories at the top, per category below),
+  NFE and ms per image, plus `n_test_images` and `n_anomalous`;
+- `scores.csv`: one row per test image: `path, label`, then one image-score column per score.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ad_lightning.evaluation.metrics import image_auroc, pixel_auroc
+
+
+class TestRecorder:
+    """Accumulates per-image scores, maps, masks and per-stage timings during `test`.
+
+    Score columns: each head's image score under its own name, and each raw term as
+    `<head>_<term>` (e.g. `likelihood_nll`), so the parts of a combined score are reported too.
+    """
+
+    def __init__(self, nfe: dict[str, int]) -> None:
+        self.nfe = nfe
+        self.scores: dict[str, list[Tensor]] = defaultdict(list)
+        self.maps: dict[str, list[Tensor]] = defaultdict(list)
+        self.masks: list[Tensor] = []
+        self.rows: list[dict] = []
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.owner: dict[str, str] = {}  # score column -> the head that produced it
+
+    @contextmanager
+    def timer(self, stage: str, like: Tensor):
+        """Wall time of a stage, synchronising CUDA so the number is real."""
+        sync = torch.cuda.synchronize if like.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.seconds[stage] += time.perf_counter() - start
+
+    def add_head(self, name: str, score: Tensor, terms: dict[str, Tensor], maps: Tensor) -> None:
+        self.scores[name].append(score.detach().float().cpu())
+        self.owner[name] = name
+        for key, value in terms.items():
+            self.scores[f"{name}_{key}"].append(value.detach().float().cpu())
+            self.owner[f"{name}_{key}"] = name
+        self.maps[name].append(maps.detach().float().cpu())
+
+    def add_batch(self, batch: dict) -> None:
+        self.masks.append(batch["mask"][:, 0].detach().bool().cpu())  # [B, 1, H, W] -> [B, H, W]
+        for path, label, category in zip(batch["path"], batch["label"].tolist(), batch["category"]):
+            self.rows.append({"path": path, "label": int(label), "category": category})
+
+    def _payload(self) -> dict:
+        return {
+            "rows": self.rows,
+            "scores": {k: torch.cat(v) for k, v in self.scores.items()},
+            "maps": {k: torch.cat(v) for k, v in self.maps.items()},
+            "masks": torch.cat(self.masks),
+        }
+
+    def finish(self, trainer) -> dict | None:
+        """Gather over ranks, then on rank 0 compute metrics and write the report files."""
+        payload = gather_payloads(self._payload())
+        if not trainer.is_global_zero:
+            return None
+        n = len(payload["rows"])
+        timing = {stage: 1000.0 * s / n for stage, s in self.seconds.items()}
+        metrics = build_metrics(payload, self.owner, self.nfe, timing)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_scores_csv(out_dir / "scores.csv", payload)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(format_table(metrics))
+        print(f"metrics: {out_dir / 'metrics.json'}\nscores:  {out_dir / 'scores.csv'}")
+        return metrics
+
+
+def gather_payloads(payload: dict) -> dict:
+    """Merge every rank's results (DDP); images a sampler padded in twice are kept once."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return payload
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, payload)
+    seen, keep, rows = set(), [], []
+    flat_rows = [row for part in parts for row in part["rows"]]
+    for i, row in enumerate(flat_rows):
+        if row["path"] not in seen:
+            seen.add(row["path"])
+            keep.append(i)
+            rows.append(row)
+    index = torch.tensor(keep)
+
+    def merge(key):
+        return {k: torch.cat([p[key][k] for p in parts])[index] for k in parts[0][key]}
+
+    return {
+        "rows": rows,
+        "scores": merge("scores"),
+        "maps": merge("maps"),
+        "masks": torch.cat([p["masks"] for p in parts])[index],
+    }
+
+
+def category_metrics(payload: dict, index: Tensor) -> dict:
+    """Image AUROC for every score column, pixel AUROC for every head with a map."""
+    labels = torch.tensor([payload["rows"][i]["label"] for i in index.tolist()])
+    out = {}
+    for key, scores in payload["scores"].items():
+        out[key] = {"image_auroc": image_auroc(scores[index], labels)}
+        if key in payload["maps"]:
+            out[key]["pixel_auroc"] = pixel_auroc(payload["maps"][key][index], payload["masks"][index])
+    return out
+
+
+def build_metrics(
+    payload: dict, owner: dict[str, str], nfe: dict[str, int], ms_per_image: dict[str, float]
+) -> dict:
+    """metrics.json content: mean over categories at the top, per category below."""
+    rows = payload["rows"]
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_category[row["category"]].append(i)
+    categories = {}
+    for category, idx in sorted(by_category.items()):
+        index = torch.tensor(idx)
+        categories[category] = {
+            "n_test_images": len(idx),
+            "n_anomalous": sum(rows[i]["label"] for i in idx),
+            "heads": category_metrics(payload, index),
+        }
+    heads = {}
+    for key in payload["scores"]:
+        head = owner[key]
+        names = categories[next(iter(categories))]["heads"][key].keys()
+        heads[key] = {m: nan_mean([c["heads"][key][m] for c in categories.values()]) for m in names}
+        heads[key]["nfe"] = nfe[head]
+        heads[key]["ms_per_image"] = ms_per_image.get("backbone", 0.0) + ms_per_image.get(head, 0.0)
+    return to_json_safe(
+        {
+            "n_test_images": len(rows),
+            "n_anomalous": sum(r["label"] for r in rows),
+            "evaluation_resolution": list(payload["masks"].shape[-2:]),
+            "aggregate": "mean over categories",
+            "timing": {"ms_per_image_by_stage": ms_per_image, "note": "test batches, wall time / images"},
+            "heads": heads,
+            "categories": categories,
+        }
+    )
+
+
+def nan_mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def to_json_safe(obj):
+    """NaN (e.g. AUROC of a category without anomalies) becomes null, as JSON requires."""
+    if isinstance(obj, dict):
+        return {k: to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def write_scores_csv(path: Path, payload: dict) -> None:
+    columns = list(payload["scores"])
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", *columns])
+        for i, row in enumerate(payload["rows"]):
+            writer.writerow([row["path"], row["label"], *(f"{float(payload['scores'][c][i]):.6g}" for c in columns)])
+
+
+def format_table(metrics: dict) -> str:
+    """Plain-text table: one line per category and the mean, image / pixel AUROC per score."""
+    keys = list(metrics["heads"])
+    header = f"{'category':<14}" + "".join(f"{k:>24}" for k in keys)
+    lines = [header, f"{'':<14}" + "".join(f"{'image / pixel AUROC':>24}" for _ in keys)]
+
+    def cell(m: dict) -> str:
+        fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"
+        return f"{fmt(m.get('image_auroc'))} / {fmt(m.get('pixel_auroc')) if 'pixel_auroc' in m else '  -  '}"
+
+    for name, cat in metrics["categories"].items():
+        lines.append(f"{name:<14}" + "".join(f"{cell(cat['heads'][k]):>24}" for k in keys))
+    lines.append(f"{'mean':<14}" + "".join(f"{cell(metrics['heads'][k]):>24}" for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Smoke tests of the entry points on a tiny MVTec-layout tree (seconds, CPU)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ad_lightning.cli import main, resolve_checkpoint
+
+TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+
+
+@pytest.fixture
+def tree(tmp_path, make_mvtec_tree, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ is written relative to the working directory
+    return make_mvtec_tree(tmp_path / "data", n_train=20, n_test_good=4)
+
+
+def run(subcommand, root, *extra):
+    main([subcommand, *TINY, "--data.root", str(root), *extra])
+
+
+def test_fit_fast_dev_run(tree):
+    run("fit", tree, "--trainer.fast_dev_run", "true")
+
+
+def test_fit_then_test_writes_report(tree, tmp_path):
+    run("fit", tree, "--trainer.max_epochs", "2")
+    ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    assert bool(state["heads.likelihood.norms.nll.fitted"]) and bool(state["feature_norm.fitted"])
+    assert any(k.startswith("ema.module.") for k in state)
+
+    run("test", tree, "--ckpt_path", "runs")  # a directory resolves to its newest checkpoint
+    out = tmp_path / "runs" / "version_1"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test_images"] == 8 and metrics["n_anomalous"] == 4
+    head = metrics["heads"]["likelihood"]
+    assert head["nfe"] == 3 and 0.0 <= head["image_auroc"] <= 1.0 and 0.0 <= head["pixel_auroc"] <= 1.0
+    assert set(metrics["heads"]) == {"likelihood", "likelihood_nll", "likelihood_sp"}
+    with (out / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and list(rows[0])[:3] == ["path", "label", "likelihood"]
+    assert sum(int(r["label"]) for r in rows) == 4
+
+
+def test_training_reads_cached_features_not_images(tree, monkeypatch):
+    """After the one feature pass, training batches carry features: images are never read again."""
+    from ad_lightning.data import base
+
+    seen = []
+    original = base.AnomalyDataset.__getitem__
+    monkeypatch.setattr(base.AnomalyDataset, "__getitem__", lambda self, i: seen.append(i) or original(self, i))
+    run("fit", tree, "--trainer.max_epochs", "3")
+    n_train_and_val = 20
+    assert len(seen) == n_train_and_val
+
+
+def test_print_config_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    out = capsys.readouterr().out
+    assert "ad_lightning.data.Demo" in out and "denoiser: tiny" in out
+
+
+def test_checkpoint_directory_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        resolve_checkpoint(str(tmp_path))
+    assert resolve_checkpoint("some/file.ckpt") == "some/file.ckpt"
