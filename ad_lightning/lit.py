@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ad_lightning.diffusion import linear_alpha_bar, q_sample
 from ad_lightning.evaluation.report import TestRecorder
@@ -56,7 +56,7 @@ class FeatureDDPM(LightningModule):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        lr: float = 2e-4,
+        lr: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.01,
@@ -69,7 +69,7 @@ class FeatureDDPM(LightningModule):
         channels = self.backbone.out_channels
         self.feature_norm = FeatureStandardizer(channels, feature_norm)
         self.denoiser = build_denoiser(denoiser, channels, **(denoiser_args or {}))
-        self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.denoiser, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         head_args = head_args or {}
         self.heads = nn.ModuleDict(
             {name: build_head(name, num_timesteps=num_timesteps, **head_args.get(name, {})) for name in parse_names(heads)}
@@ -181,6 +181,23 @@ class FeatureDDPM(LightningModule):
     def on_test_epoch_end(self) -> None:
         recorder, self._recorder = self._recorder, None
         recorder.finish(self.trainer)
+
+
+def ema_with_warmup(decay: float):
+    """EMA update for `AveragedModel` whose decay ramps up as min(decay, (1 + n) / (10 + n)).
+
+    With a fixed 0.999 the average of a short run (a few thousand steps, as on a CPU) would still
+    hold much of the random initialisation; the ramp makes it track early training closely.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for avg, cur in zip(averaged, current):
+            avg.lerp_(cur, weight)
+
+    return update
 
 
 def batch_size(batch: dict) -> int:

@@ -82,7 +82,7 @@ class TestRecorder:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_scores_csv(out_dir / "scores.csv", payload)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(format_table(metrics))
+        print("\n" + format_table(metrics))
         print(f"metrics: {out_dir / 'metrics.json'}\nscores:  {out_dir / 'scores.csv'}")
         return metrics
 
