@@ -7,6 +7,7 @@ so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by sh
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -43,6 +44,8 @@ class ADLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    # The frozen backbone is in eval mode on purpose; Lightning's notice about it only confuses.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     sub_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(DEFAULT_CONFIG)]}
     ADLightningCLI(
         FeatureDDPM,

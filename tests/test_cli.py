@@ -22,8 +22,9 @@ def run(subcommand, root, *extra):
     main([subcommand, *TINY, "--data.root", str(root), *extra])
 
 
-def test_fit_fast_dev_run(tree):
-    run("fit", tree, "--trainer.fast_dev_run", "true")
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_fit_fast_dev_run(tree, precision):
+    run("fit", tree, "--trainer.fast_dev_run", "true", "--trainer.precision", precision)
 
 
 def test_fit_then_test_writes_report(tree, tmp_path):

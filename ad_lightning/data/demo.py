@@ -33,6 +33,7 @@ import numpy as np
 import scipy.fft
 from PIL import Image
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 DEMO_VERSION = 1  # bump whenever rendering changes, so cached sets are regenerated
 SETTINGS_FILE = "demo.json"
@@ -567,7 +568,8 @@ def generate_demo(
                          n_per_defect=n_per_defect, image_size=image_size)  # fmt: skip
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; pass a new directory, or use ensure_demo to replace a set")
-    for category, split, kind, index in _plan(settings["categories"], n_train, n_test_good, n_per_defect):
+    plan = list(_plan(settings["categories"], n_train, n_test_good, n_per_defect))
+    for category, split, kind, index in tqdm(plan, desc=f"generating demo set in {root}", leave=False):
         image, mask = render_sample(category, kind, index, seed, split, image_size)
         image_dir = root / category / split / kind
         image_dir.mkdir(parents=True, exist_ok=True)
