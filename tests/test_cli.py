@@ -71,3 +71,10 @@ def test_checkpoint_directory_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         resolve_checkpoint(str(tmp_path))
     assert resolve_checkpoint("some/file.ckpt") == "some/file.ckpt"
+
+
+@pytest.mark.parametrize("config", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse(config, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert "class_path" in capsys.readouterr().out
