@@ -189,7 +189,14 @@ def features_model_from_state_dict(
     classifier_problem = layout_mismatch(state_dict, classifier_layout(name))
     if classifier_problem is None:
         overlay = {"state_dict": dict(state_dict)}
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        # The classifier head's tensors are unused by a features_only model; timm warns about each one.
+        builder_log = logging.getLogger("timm.models._builder")
+        quiet_head = lambda record: not record.getMessage().startswith("Unexpected keys")  # noqa: E731
+        builder_log.addFilter(quiet_head)
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        finally:
+            builder_log.removeFilter(quiet_head)
         del model.pretrained_cfg["state_dict"]  # timm keeps the overlay in the model's config: a second copy
         return model
     model = timm.create_model(name, pretrained=False, **kwargs)
