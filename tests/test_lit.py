@@ -1,0 +1,59 @@
+"""FeatureDDPM pieces that the CLI smoke tests do not pin: EMA ramp, loss, schedule, scoring path."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ad_lightning.lit import FeatureDDPM, ema_with_warmup, parse_names
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FeatureDDPM(pretrained=False)
+
+
+def test_ema_ramp_follows_formula():
+    update = ema_with_warmup(0.999)
+    avg, cur = [torch.zeros(3)], [torch.ones(3)]
+    update(avg, cur, torch.tensor(1))  # decay min(0.999, 2/11)
+    assert torch.allclose(avg[0], torch.full((3,), 1 - 2 / 11))
+    update(avg, cur, torch.tensor(10**6))  # late: the nominal decay
+    assert torch.allclose(avg[0], torch.full((3,), 1 - (2 / 11) * 0.999), atol=1e-6)
+
+
+def test_untrained_loss_is_the_noise_variance(model):
+    """The zero-initialised denoiser predicts 0, so the loss is E||eps||^2 = 1."""
+    z0 = torch.randn(16, model.backbone.out_channels, 8, 8)
+    loss = model.diffusion_loss(z0, torch.Generator().manual_seed(0))
+    assert float(loss.detach()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_lr_warms_up_then_decays_by_cosine(model):
+    model.trainer = SimpleNamespace(estimated_stepping_batches=1000)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(1000):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = model.hparams.lr
+    assert lrs[0] < 0.01 * peak and lrs[50] < lrs[99]
+    assert max(lrs) == pytest.approx(peak, rel=1e-3) and int(torch.tensor(lrs).argmax()) == 100
+    assert lrs[-1] == pytest.approx(peak * model.hparams.min_lr_ratio, rel=0.05)
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
+
+
+def test_eps_fn_uses_the_ema_copy(model):
+    x, t = torch.randn(2, model.backbone.out_channels, 8, 8), torch.tensor([3, 500])
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.01)
+    assert torch.equal(model.eps_fn(x, t), model.ema.module(x, t))
+    assert not torch.equal(model.eps_fn(x, t), model.denoiser(x, t))
+
+
+def test_head_names_parse():
+    assert parse_names("likelihood, irf") == ["likelihood", "irf"]
+    assert parse_names(["likelihood"]) == ["likelihood"]
