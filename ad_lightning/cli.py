@@ -1,4 +1,4 @@
-"""Command line: `python -m ad_lightning fit|validate|test|predict` (LightningCLI).
+"""Command line: `python -m ad_lightning fit|validate|test|predict` (LightningCLI) and `download`.
 
 Defaults (ad_lightning/configs/default.yaml) train the `tiny` denoiser on the built-in demo set,
 so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by short name
@@ -7,12 +7,13 @@ so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by sh
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from ad_lightning.data import AnomalyDataModule
+from ad_lightning.data import AnomalyDataModule, download
 from ad_lightning.lit import FeatureDDPM
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -44,6 +45,9 @@ class ADLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["download"]:  # not a Trainer entry point: fetch and verify a benchmark
+        sys.exit(download.main(argv[1:]))
     # The frozen backbone is in eval mode on purpose; Lightning's notice about it only confuses.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     sub_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(DEFAULT_CONFIG)]}

@@ -78,3 +78,9 @@ def test_example_configs_parse(config, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])
     assert "class_path" in capsys.readouterr().out
+
+
+def test_download_is_dispatched_to_the_downloader(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["download", "--help"])
+    assert info.value.code == 0 and "sha256" in capsys.readouterr().out
