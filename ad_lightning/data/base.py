@@ -4,6 +4,7 @@ A subclass only says where a category's samples are (`make_samples`); this base 
 train / normal-validation / test datasets and dataloaders, the same way for every layout.
 """
 
+import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ad_lightning.features.cache import FeatureDataset, extract_features
-from ad_lightning.data.images import IMAGE_EXTENSIONS, BadInputError, list_images, read_image, read_mask
+from ad_lightning.data.images import (
+    IMAGE_EXTENSIONS,
+    BadFileError,
+    BadInputError,
+    list_images,
+    probe_image,
+    read_image,
+    read_mask,
+)
 
 NORMAL_DEFECT = "good"
+BAD_FILE_POLICIES = ("error", "skip")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,9 +71,9 @@ class AnomalyDataset(Dataset):
 
 
 def split_normal(
-    samples: Sequence[Sample], category: str, val_fraction: float, seed: int
+    samples: Sequence[Sample], category: str, val_fraction: float, seed: int, option: str = "val_fraction"
 ) -> tuple[list[Sample], list[Sample]]:
-    """Seeded (train, val) split of one category's normal training images.
+    """Seeded (kept, held-out) split of one category's normal images; `option` names the fraction's setting.
 
     The generator is seeded from `seed` and the category name (crc32, not Python's salted
     hash) and the samples are sorted first, so every process and machine draws the same split
@@ -73,7 +84,7 @@ def split_normal(
     if n_val >= len(ordered):
         raise BadInputError(
             f"category {category!r} has {len(ordered)} normal training image(s), too few to hold out "
-            f"{n_val} for validation; add normal images or lower --data.val_fraction"
+            f"{n_val}; add normal images or lower --data.{option}"
         )
     rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
     is_val = np.zeros(len(ordered), dtype=bool)
@@ -93,6 +104,46 @@ def check_test_masks(samples: Sequence[Sample]) -> None:
             )
 
 
+def check_mask_fits(sample: Sample, decode: bool) -> None:
+    """Raise `BadFileError` when the sample's image or mask is unreadable or the mask is not its image's size.
+
+    A ground-truth mask is drawn on its image's pixel grid; a mask of another size is a mis-paired,
+    cropped or rescaled file, and resizing it would silently move the defect, so it is bad input.
+    """
+    width, height = probe_image(sample.image_path, decode)
+    if sample.mask_path is None:
+        return
+    mask_width, mask_height = probe_image(sample.mask_path, decode)
+    if (mask_width, mask_height) != (width, height):
+        reason = f"mask is {mask_width}x{mask_height} but its image {sample.image_path} is {width}x{height}"
+        fix = "fix or remove the pair (or set --data.on_bad_file skip)"
+        raise BadFileError(f"mask {sample.mask_path}: {reason}; {fix}", sample.mask_path, reason)
+
+
+def screen_samples(samples: Sequence[Sample], on_bad_file: str) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """(usable samples, [(path, reason)] of the ones left out) under the bad-file policy.
+
+    "error" reads only the headers of masked samples (a wrong-size mask stops the run here;
+    unreadable files stop it when read). "skip" decodes every file once, here at setup, so a bad
+    file changes the datasets before any dataloader exists instead of failing mid-run.
+    """
+    if on_bad_file == "error":
+        for sample in samples:
+            if sample.mask_path is not None:
+                check_mask_fits(sample, decode=False)
+        return list(samples), []
+    kept, skipped = [], []
+    for sample in samples:
+        try:
+            check_mask_fits(sample, decode=True)
+        except BadFileError as err:
+            log.warning("skipping %s: %s", err.path, err.reason)
+            skipped.append((str(err.path), err.reason))
+        else:
+            kept.append(sample)
+    return kept, skipped
+
+
 class AnomalyDataModule(lightning.LightningDataModule):
     """Base: subclasses only say where the samples are."""
 
@@ -109,8 +160,13 @@ class AnomalyDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__()
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise BadInputError(
+                f"on_bad_file={on_bad_file!r} is not one of {BAD_FILE_POLICIES}; set --data.on_bad_file"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise BadInputError(f"val_fraction={val_fraction} must be in (0, 1); set --data.val_fraction, e.g. 0.1")
         sizes = {"image_size": image_size, "train_batch_size": train_batch_size, "eval_batch_size": eval_batch_size}
@@ -126,10 +182,21 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
-        self.train_dataset: AnomalyDataset | None = None
+        self.on_bad_file = on_bad_file
+        self.skipped: list[tuple[str, str]] = []  # (path, reason) of files left out under on_bad_file="skip"
+        self.train_dataset: Dataset | None = None
         self.val_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
         self.feature_sets: dict[str, FeatureDataset] = {}  # split -> cached backbone features
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether every anomalous test image has a pixel mask; False means image-level metrics only."""
+        return True
 
     @property
     def categories(self) -> list[str]:
@@ -188,13 +255,23 @@ class AnomalyDataModule(lightning.LightningDataModule):
         for category in self.categories:
             train_good, test_samples = self.make_samples(category)
             check_test_masks(test_samples)
+            train_good, test_samples = self._screen(train_good), self._screen(test_samples)
             category_train, category_val = split_normal(train_good, category, self.val_fraction, self.seed)
             train += category_train
             val += category_val
             test += test_samples
-        self.train_dataset = AnomalyDataset(train, self.image_size)
+        self.train_dataset = self.make_train_dataset(train)
         self.val_dataset = AnomalyDataset(val, self.image_size)
         self.test_dataset = AnomalyDataset(test, self.image_size)
+
+    def _screen(self, samples: list[Sample]) -> list[Sample]:
+        kept, skipped = screen_samples(samples, self.on_bad_file)
+        self.skipped += skipped
+        return kept
+
+    def make_train_dataset(self, samples: list[Sample]) -> Dataset:
+        """The training dataset of the normal training samples; a layout may serve other items (tiles)."""
+        return AnomalyDataset(samples, self.image_size)
 
     def cache_features(self, encode: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> Tensor:
         """Run the frozen backbone `encode` over the train and validation images once.

@@ -92,9 +92,11 @@ def test_masks_are_zero_for_normal_and_paired_by_stem(bottle, write_image_file, 
     assert_masks_paired(make_module(bottle).test_dataset)
 
 
-def test_mask_of_another_size_is_resized(bottle, write_mask_file):
-    write_mask_file(bottle / "bottle/ground_truth/hole/001_mask.png", defect_rows=4, size=2 * SIZE)
-    assert_masks_paired(make_module(bottle).test_dataset)
+def test_mask_of_another_size_is_refused(bottle, write_mask_file):
+    mask = bottle / "bottle/ground_truth/hole/001_mask.png"
+    write_mask_file(mask, defect_rows=4, size=2 * SIZE)
+    with pytest.raises(BadInputError, match="001_mask.png"):
+        make_module(bottle)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
