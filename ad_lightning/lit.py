@@ -7,17 +7,20 @@ reports in `evaluation/`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
 from ad_lightning.diffusion import linear_alpha_bar, q_sample
 from ad_lightning.evaluation.report import TestRecorder
 from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
-from ad_lightning.heads import build_head, to_image_map
+from ad_lightning.heads import Scores, build_head, to_image_map
 from ad_lightning.models.registry import build_denoiser
 
 
@@ -165,18 +168,51 @@ class FeatureDDPM(LightningModule):
     def on_test_epoch_start(self) -> None:
         self._recorder = TestRecorder({name: head.nfe for name, head in self.heads.items()})
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Score a batch with every head, sharing one backbone forward."""
-        recorder, image = self._recorder, batch["image"]
-        with recorder.timer("backbone", image):
+    def score_batch(self, image: Tensor) -> dict[str, Scores]:
+        """Score images [B, 3, H, W] with every head, sharing one backbone forward; maps at H x W."""
+        timer = self._recorder.timer if self._recorder else lambda stage, like: nullcontext()
+        with timer("backbone", image):
             z0 = self.encode(image)
+        results = {}
         for name, head in self.heads.items():
-            with recorder.timer(name, image):
+            with timer(name, image):
                 out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
-                score = head.score(out.terms)
                 maps = to_image_map(out.map, image.shape[-2:], self.hparams.blur_sigma)
-            recorder.add_head(name, score, out.terms, maps)
-        recorder.add_batch(batch)
+                results[name] = Scores(head.score(out.terms), out.terms, maps)
+        return results
+
+    def score_tiled(self, image: Tensor, tile: int, overlap: int, size: int) -> dict[str, Scores]:
+        """Score one large image [3, H, W] tile by tile: tiles resized to `size` as in training,
+        tile maps stitched back to [1, H, W]; image score and terms are the max over tiles."""
+        boxes = tile_boxes(image.shape[-2], image.shape[-1], tile, overlap)
+        tiles = F.interpolate(  # [n, 3, tile, tile] -> [n, 3, size, size], as TileDataset does
+            extract_tiles(image, boxes), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        results = {}
+        for name, scores in self.score_batch(tiles.clamp(0, 1)).items():
+            tile_maps = F.interpolate(scores.maps[:, None], size=(tile, tile), mode="bilinear", align_corners=False)
+            full = stitch(tile_maps[:, 0], boxes, tuple(image.shape[-2:]))  # [n, tile, tile] -> [H, W]
+            terms = {key: value.amax()[None] for key, value in scores.terms.items()}
+            results[name] = Scores(scores.score.amax()[None], terms, full[None])
+        return results
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Score a batch with every head; large images tile by tile when the data asks for it.
+
+        Maps and masks are recorded at the evaluation resolution (the data's image_size)."""
+        tiling = getattr(self.trainer.datamodule, "tiling", None)
+        if tiling is None:
+            results = self.score_batch(batch["image"])
+        else:
+            size = self.trainer.datamodule.image_size
+            results = self.score_tiled(batch["image"][0], *tiling, size=size)
+            batch = {**batch, "mask": F.interpolate(batch["mask"], size=(size, size), mode="nearest")}
+        for name, scores in results.items():
+            maps = scores.maps
+            if maps.shape[-2:] != batch["mask"].shape[-2:]:
+                maps = F.interpolate(maps[:, None], size=batch["mask"].shape[-2:], mode="bilinear")[:, 0]
+            self._recorder.add_head(name, scores.score, scores.terms, maps)
+        self._recorder.add_batch(batch)
 
     def on_test_epoch_end(self) -> None:
         recorder, self._recorder = self._recorder, None

@@ -84,3 +84,32 @@ def test_download_is_dispatched_to_the_downloader(capsys):
     with pytest.raises(SystemExit) as info:
         main(["download", "--help"])
     assert info.value.code == 0 and "sha256" in capsys.readouterr().out
+
+
+def test_tiled_printed3d_fit_and_test_scores_native_images(tmp_path, write_image_file, write_mask_file, monkeypatch):
+    """Large images: trained on tiles, scored tile by tile, reported at the evaluation resolution."""
+    monkeypatch.chdir(tmp_path)
+    part = tmp_path / "prints" / "bracket"
+    for i in range(10):
+        write_image_file(part / "train/good" / f"{i}.png", seed=i, size=96)
+    write_image_file(part / "test/good/0.png", seed=50, size=96)
+    for i in range(2):
+        write_image_file(part / "test/warp" / f"{i}.png", seed=60 + i, defect_rows=20 + i, size=96)
+        write_mask_file(part / "ground_truth/warp" / f"{i}_mask.png", defect_rows=20 + i, size=96)
+    data = ["--data", "Printed3D", "--data.root", str(tmp_path / "prints"), "--data.image_size", "64",
+            "--data.tile_size", "64", "--data.tile_overlap", "32", "--data.train_batch_size", "8"]  # fmt: skip
+    main(["fit", *data, "--trainer.max_epochs", "1"])
+    main(["test", *data, "--ckpt_path", "runs"])
+    metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())
+    assert metrics["n_test_images"] == 3 and metrics["evaluation_resolution"] == [64, 64]
+    assert metrics["pixel_metrics"] == "computed" and metrics["heads"]["likelihood"]["pixel_auroc"] is not None
+
+
+def test_skip_policy_reports_bad_files_in_metrics(tree, tmp_path):
+    bad = tree / "widget" / "test" / "good" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
+    run("fit", tree, "--trainer.max_epochs", "1", "--data.on_bad_file", "skip")
+    run("test", tree, "--ckpt_path", "runs", "--data.on_bad_file", "skip")
+    metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())
+    assert metrics["n_skipped"] == 1 and metrics["skipped"][0]["path"] == str(bad)
+    assert metrics["n_test_images"] == 7

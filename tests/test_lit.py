@@ -4,7 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from ad_lightning.data.tiling import extract_tiles, tile_boxes
 from ad_lightning.lit import FeatureDDPM, ema_with_warmup, parse_names
 
 
@@ -57,3 +59,21 @@ def test_eps_fn_uses_the_ema_copy(model):
 def test_head_names_parse():
     assert parse_names("likelihood, irf") == ["likelihood", "irf"]
     assert parse_names(["likelihood"]) == ["likelihood"]
+
+
+def test_a_large_image_scored_with_tiles_gives_a_full_resolution_map(model):
+    model.feature_norm.fit(torch.randn(4, model.backbone.out_channels, 4, 4))
+    model.heads["likelihood"].fit({"nll": torch.tensor([0.0, 1.0]), "sp": torch.tensor([0.0, 1.0])})
+    with torch.no_grad():  # a non-trivial network, so tiles score differently
+        for p in model.ema.module.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    image = torch.rand(3, 1024, 1024)
+    scores = model.score_tiled(image, tile=256, overlap=32, size=64)["likelihood"]
+    assert scores.maps.shape == (1, 1024, 1024) and torch.isfinite(scores.maps).all()
+    boxes = tile_boxes(1024, 1024, 256, 32)
+    tiles = F.interpolate(extract_tiles(image, boxes), size=(64, 64), mode="bilinear", antialias=True)
+    per_tile = model.score_batch(tiles.clamp(0, 1))["likelihood"]
+    assert per_tile.score.std() > 0 and torch.allclose(scores.score, per_tile.score.amax()[None])
+    # the top-left corner is covered by the first tile only: the stitched map is that tile's map there
+    first = F.interpolate(per_tile.maps[:1, None], size=(256, 256), mode="bilinear")[0, 0]
+    torch.testing.assert_close(scores.maps[0, :200, :200], first[:200, :200])

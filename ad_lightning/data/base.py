@@ -44,9 +44,10 @@ class Sample:
 
 
 class AnomalyDataset(Dataset):
-    """Loads `Sample`s as un-normalised tensors at `image_size` (no augmentation)."""
+    """Loads `Sample`s as un-normalised tensors at `image_size`, or at native size when None
+    (no augmentation)."""
 
-    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+    def __init__(self, samples: Sequence[Sample], image_size: int | None) -> None:
         self.samples = list(samples)
         self.image_size = image_size
 
@@ -55,13 +56,13 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        size = self.image_size
+        image = read_image(sample.image_path, self.image_size)  # [3, H, W] in [0, 1]
         if sample.mask_path is None:
-            mask = torch.zeros(1, size, size)
+            mask = image.new_zeros(1, *image.shape[-2:])
         else:
-            mask = read_mask(sample.mask_path, size)
+            mask = read_mask(sample.mask_path, self.image_size)
         return {
-            "image": read_image(sample.image_path, size),  # [3, H, W] in [0, 1]
+            "image": image,
             "mask": mask,  # [1, H, W] in {0, 1}
             "label": torch.tensor(sample.label, dtype=torch.int64),
             "path": str(sample.image_path),
@@ -185,8 +186,8 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.on_bad_file = on_bad_file
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of files left out under on_bad_file="skip"
         self.train_dataset: Dataset | None = None
-        self.val_dataset: AnomalyDataset | None = None
-        self.test_dataset: AnomalyDataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
         self.feature_sets: dict[str, FeatureDataset] = {}  # split -> cached backbone features
 
     @property
@@ -260,18 +261,23 @@ class AnomalyDataModule(lightning.LightningDataModule):
             train += category_train
             val += category_val
             test += test_samples
-        self.train_dataset = self.make_train_dataset(train)
-        self.val_dataset = AnomalyDataset(val, self.image_size)
-        self.test_dataset = AnomalyDataset(test, self.image_size)
+        self.train_dataset = self.make_dataset(train, "train")
+        self.val_dataset = self.make_dataset(val, "val")
+        self.test_dataset = self.make_dataset(test, "test")
 
     def _screen(self, samples: list[Sample]) -> list[Sample]:
         kept, skipped = screen_samples(samples, self.on_bad_file)
         self.skipped += skipped
         return kept
 
-    def make_train_dataset(self, samples: list[Sample]) -> Dataset:
-        """The training dataset of the normal training samples; a layout may serve other items (tiles)."""
+    def make_dataset(self, samples: list[Sample], split: str) -> Dataset:
+        """The dataset of one split ("train", "val", "test"); a layout may serve other items (tiles)."""
         return AnomalyDataset(samples, self.image_size)
+
+    @property
+    def tiling(self) -> tuple[int, int] | None:
+        """(tile size, overlap) when test images are scored tile by tile at native size, else None."""
+        return None
 
     def cache_features(self, encode: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> Tensor:
         """Run the frozen backbone `encode` over the train and validation images once.

@@ -93,14 +93,17 @@ def read_image(path: Path, size: int | None) -> torch.Tensor:
     return torch.from_numpy(rearrange(rgb, "h w c -> c h w"))  # [H, W, 3] -> [3, H, W]
 
 
-def read_mask(path: Path, size: int) -> torch.Tensor:
-    """Ground-truth mask at `path` as float32 [1, size, size] in {0, 1}.
+def read_mask(path: Path, size: int | None) -> torch.Tensor:
+    """Ground-truth mask at `path` as float32 [1, size, size] in {0, 1} (`size=None`: native [1, H, W]).
 
     Nearest resize keeps it binary. Any non-zero raw value is anomalous, so 0/255 masks and
     class-id masks (1, 2, ...; palette indices, not palette colours) both work; alpha is ignored.
     """
-    img = _open(path).resize((size, size), Image.Resampling.NEAREST)
-    raw = np.array(img).reshape(size, size, -1)  # [H, W] or [H, W, bands] -> [H, W, bands]
+    img = _open(path)
+    if size is not None:
+        img = img.resize((size, size), Image.Resampling.NEAREST)
+    width, height = img.size
+    raw = np.array(img).reshape(height, width, -1)  # [H, W] or [H, W, bands] -> [H, W, bands]
     colour_bands = [i for i, band in enumerate(img.getbands()) if band != "A"]
     anomalous = (raw[..., colour_bands] != 0).any(axis=-1)  # [H, W, bands] -> [H, W]
     return torch.from_numpy(anomalous.astype(np.float32))[None]  # [H, W] -> [1, H, W]

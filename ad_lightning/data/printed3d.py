@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from ad_lightning.data.base import Sample
+from ad_lightning.data.base import AnomalyDataset, Sample
 from ad_lightning.data.images import BadInputError, find_mask, probe_image, read_image
 from ad_lightning.data.mvtec import MVTecAD
 from ad_lightning.data.tiling import Box, extract_tiles, tile_boxes
@@ -29,7 +29,8 @@ class Printed3D(MVTecAD):
     Without a `ground_truth` directory a part is image-level only (`has_masks` is False and a
     warning names it). With `tile_size`, every training image is cut into `tile_size` tiles
     overlapping by `tile_overlap` pixels and each tile, resized to `image_size`, is one training
-    item; validation and test items stay whole images (their maps are stitched from tiles by the model).
+    (or validation) item; test items are whole images at native size, scored tile by tile by the
+    model, their maps stitched back to full resolution.
     """
 
     CATEGORIES = ()
@@ -77,10 +78,23 @@ class Printed3D(MVTecAD):
         stem = sample.image_path.stem
         return find_mask(mask_dir, [f"{stem}_mask.png", f"{stem}.png"])
 
-    def make_train_dataset(self, samples: list[Sample]) -> Dataset:
+    @property
+    def tiling(self) -> tuple[int, int] | None:
+        return None if self.tile_size is None else (self.tile_size, self.tile_overlap)
+
+    def make_dataset(self, samples: list[Sample], split: str) -> Dataset:
+        """With tiling: train and validation serve tiles (the heads are fitted on tile scores);
+        test serves whole images at native size, one per batch, scored tile by tile."""
         if self.tile_size is None:
-            return super().make_train_dataset(samples)
+            return super().make_dataset(samples, split)
+        if split == "test":
+            return AnomalyDataset(samples, None)
         return TileDataset(samples, self.tile_size, self.tile_overlap, self.image_size)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.tile_size is None:
+            return super().test_dataloader()
+        return self._loader(self.test_dataset, 1, shuffle=False)  # native sizes differ between images
 
 
 class TileDataset(Dataset):

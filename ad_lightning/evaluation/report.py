@@ -77,12 +77,20 @@ class TestRecorder:
             return None
         n = len(payload["rows"])
         timing = {stage: 1000.0 * s / n for stage, s in self.seconds.items()}
-        metrics = build_metrics(payload, self.owner, self.nfe, timing)
+        datamodule = getattr(trainer, "datamodule", None)
+        has_masks = getattr(datamodule, "has_masks", True)
+        metrics = build_metrics(payload, self.owner, self.nfe, timing, has_masks)
+        skipped = list(getattr(datamodule, "skipped", []))
+        metrics.update(n_skipped=len(skipped), skipped=[{"path": p, "reason": r} for p, r in skipped])
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_scores_csv(out_dir / "scores.csv", payload)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print("\n" + format_table(metrics))
+        if not has_masks:
+            print("no ground-truth masks in this data: image-level metrics only")
+        if skipped:
+            print(f"{len(skipped)} bad file(s) skipped (on_bad_file=skip), listed in metrics.json")
         print(f"metrics: {out_dir / 'metrics.json'}\nscores:  {out_dir / 'scores.csv'}")
         return metrics
 
@@ -113,21 +121,23 @@ def gather_payloads(payload: dict) -> dict:
     }
 
 
-def category_metrics(payload: dict, index: Tensor) -> dict:
-    """Image AUROC for every score column, pixel AUROC for every head with a map."""
+def category_metrics(payload: dict, index: Tensor, has_masks: bool) -> dict:
+    """Image AUROC for every score column, pixel AUROC for every head with a map (if masks exist)."""
     labels = torch.tensor([payload["rows"][i]["label"] for i in index.tolist()])
     out = {}
     for key, scores in payload["scores"].items():
         out[key] = {"image_auroc": image_auroc(scores[index], labels)}
-        if key in payload["maps"]:
+        if has_masks and key in payload["maps"]:
             out[key]["pixel_auroc"] = pixel_auroc(payload["maps"][key][index], payload["masks"][index])
     return out
 
 
 def build_metrics(
-    payload: dict, owner: dict[str, str], nfe: dict[str, int], ms_per_image: dict[str, float]
+    payload: dict, owner: dict[str, str], nfe: dict[str, int], ms_per_image: dict[str, float], has_masks: bool = True
 ) -> dict:
-    """metrics.json content: mean over categories at the top, per category below."""
+    """metrics.json content: mean over categories at the top, per category below.
+
+    Without ground-truth masks (`has_masks` False) the run is image-level only and says so."""
     rows = payload["rows"]
     by_category: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
@@ -138,7 +148,7 @@ def build_metrics(
         categories[category] = {
             "n_test_images": len(idx),
             "n_anomalous": sum(rows[i]["label"] for i in idx),
-            "heads": category_metrics(payload, index),
+            "heads": category_metrics(payload, index, has_masks),
         }
     heads = {}
     for key in payload["scores"]:
@@ -152,6 +162,7 @@ def build_metrics(
             "n_test_images": len(rows),
             "n_anomalous": sum(r["label"] for r in rows),
             "evaluation_resolution": list(payload["masks"].shape[-2:]),
+            "pixel_metrics": "computed" if has_masks else "none: the data has no ground-truth masks (image-level only)",
             "aggregate": "mean over categories",
             "timing": {"ms_per_image_by_stage": ms_per_image, "note": "test batches, wall time / images"},
             "heads": heads,

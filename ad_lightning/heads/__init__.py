@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ad_lightning.heads.base import Head, HeadOutput, Normalizer, to_image_map
+from ad_lightning.heads.base import Head, HeadOutput, Normalizer, Scores, to_image_map
 from ad_lightning.heads.likelihood import LikelihoodHead
 
 HEADS: dict[str, type[Head]] = {LikelihoodHead.name: LikelihoodHead}
@@ -15,4 +15,4 @@ def build_head(name: str, **kwargs) -> Head:
     return HEADS[name](**kwargs)
 
 
-__all__ = ["HEADS", "Head", "HeadOutput", "LikelihoodHead", "Normalizer", "build_head", "to_image_map"]
+__all__ = ["HEADS", "Head", "HeadOutput", "LikelihoodHead", "Normalizer", "Scores", "build_head", "to_image_map"]

@@ -24,6 +24,13 @@ class HeadOutput:
     map: Tensor  # anomaly map on the feature grid [B, h, w]
 
 
+@dataclass
+class Scores:
+    score: Tensor  # image score [B]
+    terms: dict[str, Tensor]  # raw per-image terms, each [B]
+    maps: Tensor  # anomaly maps at the image size [B, H, W]
+
+
 class Head(nn.Module):
     """Base class: subclasses set `name`, implement `evaluate`, `fit` and `score`."""
 

@@ -67,9 +67,18 @@ def test_training_items_are_tiles_of_the_right_count_and_size(parts_root):
     assert per_image == 4
     train = module.train_dataset
     assert isinstance(train, TileDataset) and len(train.samples) == 4 and len(train) == 4 * per_image
-    assert isinstance(module.val_dataset, AnomalyDataset) and len(module.val_dataset) == 1
+    assert isinstance(module.val_dataset, TileDataset) and len(module.val_dataset) == per_image  # 1 image
     batch = next(iter(module.train_dataloader()))
     assert batch["image"].shape == (16, 3, SIZE, SIZE) and batch["mask"].sum() == 0 and (batch["label"] == 0).all()
+
+
+def test_test_items_are_whole_images_at_native_size_one_per_batch(parts_root, write_image_file):
+    write_image_file(parts_root / "gear/test/good/0.png", seed=7, size=80)
+    module = make_module(parts_root, "gear", tile_size=48, tile_overlap=8)
+    assert module.tiling == (48, 8) and isinstance(module.test_dataset, AnomalyDataset)
+    batch = next(iter(module.test_dataloader()))
+    assert batch["image"].shape == (1, 3, 80, 80) and batch["mask"].shape == (1, 1, 80, 80)  # native, not SIZE
+    assert make_module(parts_root, "gear").tiling is None
 
 
 def test_a_tile_at_image_size_is_the_crop(parts_root):
