@@ -113,3 +113,21 @@ def test_skip_policy_reports_bad_files_in_metrics(tree, tmp_path):
     metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())
     assert metrics["n_skipped"] == 1 and metrics["skipped"][0]["path"] == str(bad)
     assert metrics["n_test_images"] == 7
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("MVTecAD", ["--data.category", "bottle"]),
+        ("VisA", ["--data.category", "pcb1"]),
+        ("MPDD", ["--data.category", "tubes"]),
+        ("BTAD", ["--data.category", "03"]),
+        ("Printed3D", ["--data.tile_size", "512"]),
+        ("Folder", ["--data.normal_dir", "ok", "--data.abnormal_dir", "ng"]),
+        ("Demo", []),
+    ],
+)
+def test_datamodules_are_chosen_by_short_name(name, args, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", name, "--data.root", "/data", *args, "--print_config"])
+    assert f"class_path: ad_lightning.data.{name}" in capsys.readouterr().out
