@@ -18,10 +18,14 @@ from torch.optim.swa_utils import AveragedModel
 from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
 from ad_lightning.diffusion import linear_alpha_bar, q_sample
 from ad_lightning.evaluation.report import TestRecorder
+from ad_lightning.evaluation.timing import StageTimer, batch1_latency
 from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
 from ad_lightning.heads import Scores, build_head, to_image_map
 from ad_lightning.models.registry import build_denoiser
+
+
+LATENCY_WARMUP = 3  # batch-1 calls discarded before timing
 
 
 def parse_names(names: str | list[str]) -> list[str]:
@@ -43,6 +47,8 @@ class FeatureDDPM(LightningModule):
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up, then cosine decay.
         ema_decay: EMA of the denoiser weights; the EMA copy does all scoring.
         blur_sigma: optional Gaussian blur of upsampled anomaly maps (0 = off, as in InvAD).
+        latency_images: test images re-scored one at a time (after 3 warm-up images) for the
+            batch-1 latency in metrics.json; 0 turns it off.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class FeatureDDPM(LightningModule):
         min_lr_ratio: float = 0.01,
         ema_decay: float = 0.999,
         blur_sigma: float = 0.0,
+        latency_images: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -166,11 +173,12 @@ class FeatureDDPM(LightningModule):
 
     # ----- test ----------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
-        self._recorder = TestRecorder({name: head.nfe for name, head in self.heads.items()})
+        keep = self.hparams.latency_images + LATENCY_WARMUP if self.hparams.latency_images else 0
+        self._recorder = TestRecorder({name: head.nfe for name, head in self.heads.items()}, keep_images=keep)
 
-    def score_batch(self, image: Tensor) -> dict[str, Scores]:
+    def score_batch(self, image: Tensor, timer: StageTimer | None = None) -> dict[str, Scores]:
         """Score images [B, 3, H, W] with every head, sharing one backbone forward; maps at H x W."""
-        timer = self._recorder.timer if self._recorder else lambda stage, like: nullcontext()
+        timer = timer or (lambda stage, like: nullcontext())
         with timer("backbone", image):
             z0 = self.encode(image)
         results = {}
@@ -181,7 +189,9 @@ class FeatureDDPM(LightningModule):
                 results[name] = Scores(head.score(out.terms), out.terms, maps)
         return results
 
-    def score_tiled(self, image: Tensor, tile: int, overlap: int, size: int) -> dict[str, Scores]:
+    def score_tiled(
+        self, image: Tensor, tile: int, overlap: int, size: int, timer: StageTimer | None = None
+    ) -> dict[str, Scores]:
         """Score one large image [3, H, W] tile by tile: tiles resized to `size` as in training,
         tile maps stitched back to [1, H, W]; image score and terms are the max over tiles."""
         boxes = tile_boxes(image.shape[-2], image.shape[-1], tile, overlap)
@@ -189,23 +199,28 @@ class FeatureDDPM(LightningModule):
             extract_tiles(image, boxes), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
         results = {}
-        for name, scores in self.score_batch(tiles.clamp(0, 1)).items():
+        for name, scores in self.score_batch(tiles.clamp(0, 1), timer).items():
             tile_maps = F.interpolate(scores.maps[:, None], size=(tile, tile), mode="bilinear", align_corners=False)
             full = stitch(tile_maps[:, 0], boxes, tuple(image.shape[-2:]))  # [n, tile, tile] -> [H, W]
             terms = {key: value.amax()[None] for key, value in scores.terms.items()}
             results[name] = Scores(scores.score.amax()[None], terms, full[None])
         return results
 
+    def score_images(self, image: Tensor, timer: StageTimer | None = None) -> dict[str, Scores]:
+        """`score_batch`, or tile by tile (one image per batch) when the data asks for tiling."""
+        tiling = getattr(self.trainer.datamodule, "tiling", None)
+        if tiling is None:
+            return self.score_batch(image, timer)
+        return self.score_tiled(image[0], *tiling, size=self.trainer.datamodule.image_size, timer=timer)
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Score a batch with every head; large images tile by tile when the data asks for it.
 
         Maps and masks are recorded at the evaluation resolution (the data's image_size)."""
+        results = self.score_images(batch["image"], self._recorder.timer)
         tiling = getattr(self.trainer.datamodule, "tiling", None)
-        if tiling is None:
-            results = self.score_batch(batch["image"])
-        else:
+        if tiling is not None:
             size = self.trainer.datamodule.image_size
-            results = self.score_tiled(batch["image"][0], *tiling, size=size)
             batch = {**batch, "mask": F.interpolate(batch["mask"], size=(size, size), mode="nearest")}
         for name, scores in results.items():
             maps = scores.maps
@@ -215,7 +230,10 @@ class FeatureDDPM(LightningModule):
         self._recorder.add_batch(batch)
 
     def on_test_epoch_end(self) -> None:
+        """Re-score the first test images one at a time for the batch-1 latency, then report."""
         recorder, self._recorder = self._recorder, None
+        if len(recorder.kept) > LATENCY_WARMUP:
+            recorder.latency = batch1_latency(self.score_images, recorder.kept, warmup=LATENCY_WARMUP)
         recorder.finish(self.trainer)
 
 

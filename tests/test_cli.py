@@ -42,6 +42,11 @@ def test_fit_then_test_writes_report(tree, tmp_path):
     head = metrics["heads"]["likelihood"]
     assert head["nfe"] == 3 and 0.0 <= head["image_auroc"] <= 1.0 and 0.0 <= head["pixel_auroc"] <= 1.0
     assert set(metrics["heads"]) == {"likelihood", "likelihood_nll", "likelihood_sp"}
+    timing = metrics["timing"]  # batch 1 over the 8 test images after 3 warm-up ones, split by stage
+    assert {stage: s["n"] for stage, s in timing["batch1_by_stage"].items()} == {"backbone": 5, "likelihood": 5}
+    median = {stage: s["median_ms"] for stage, s in timing["batch1_by_stage"].items()}
+    assert head["ms_per_image"] == pytest.approx(median["backbone"] + median["likelihood"])
+    assert timing["peak_memory_mb"] > 0
     with (out / "scores.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and list(rows[0])[:3] == ["path", "label", "likelihood"]

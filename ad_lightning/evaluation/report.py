@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ad_lightning.evaluation.metrics import image_auroc, pixel_auroc
+from ad_lightning.evaluation.timing import StageTimer, peak_memory_mb
 
 
 class TestRecorder:
@@ -30,24 +29,17 @@ class TestRecorder:
     `<head>_<term>` (e.g. `likelihood_nll`), so the parts of a combined score are reported too.
     """
 
-    def __init__(self, nfe: dict[str, int]) -> None:
+    def __init__(self, nfe: dict[str, int], keep_images: int = 0) -> None:
         self.nfe = nfe
+        self.timer = StageTimer()  # batched test-loop time per stage
+        self.keep_images = keep_images
+        self.kept: list[Tensor] = []  # the first test images [1, 3, H, W], for the batch-1 latency run
+        self.latency: dict = {}  # per-stage batch-1 summary, set by the caller before `finish`
         self.scores: dict[str, list[Tensor]] = defaultdict(list)
         self.maps: dict[str, list[Tensor]] = defaultdict(list)
         self.masks: list[Tensor] = []
         self.rows: list[dict] = []
-        self.seconds: dict[str, float] = defaultdict(float)
         self.owner: dict[str, str] = {}  # score column -> the head that produced it
-
-    @contextmanager
-    def timer(self, stage: str, like: Tensor):
-        """Wall time of a stage, synchronising CUDA so the number is real."""
-        sync = torch.cuda.synchronize if like.is_cuda else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        yield
-        sync()
-        self.seconds[stage] += time.perf_counter() - start
 
     def add_head(self, name: str, score: Tensor, terms: dict[str, Tensor], maps: Tensor) -> None:
         self.scores[name].append(score.detach().float().cpu())
@@ -58,6 +50,8 @@ class TestRecorder:
         self.maps[name].append(maps.detach().float().cpu())
 
     def add_batch(self, batch: dict) -> None:
+        for image in batch["image"][: max(self.keep_images - len(self.kept), 0)]:
+            self.kept.append(image[None].detach())
         self.masks.append(batch["mask"][:, 0].detach().bool().cpu())  # [B, 1, H, W] -> [B, H, W]
         for path, label, category in zip(batch["path"], batch["label"].tolist(), batch["category"]):
             self.rows.append({"path": path, "label": int(label), "category": category})
@@ -76,10 +70,17 @@ class TestRecorder:
         if not trainer.is_global_zero:
             return None
         n = len(payload["rows"])
-        timing = {stage: 1000.0 * s / n for stage, s in self.seconds.items()}
+        batched = {stage: 1000.0 * self.timer.total(stage) / n for stage in self.timer.samples}
         datamodule = getattr(trainer, "datamodule", None)
         has_masks = getattr(datamodule, "has_masks", True)
-        metrics = build_metrics(payload, self.owner, self.nfe, timing, has_masks)
+        per_image = {stage: s["median_ms"] for stage, s in self.latency.items()} or batched
+        metrics = build_metrics(payload, self.owner, self.nfe, per_image, has_masks)
+        metrics["timing"] = {
+            "ms_per_image": "median at batch 1 after warm-up" if self.latency else "batched wall time / images",
+            "batch1_by_stage": self.latency,
+            "batched_ms_per_image_by_stage": batched,
+            "peak_memory_mb": peak_memory_mb(trainer.strategy.root_device),
+        }
         skipped = list(getattr(datamodule, "skipped", []))
         metrics.update(n_skipped=len(skipped), skipped=[{"path": p, "reason": r} for p, r in skipped])
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -164,7 +165,6 @@ def build_metrics(
             "evaluation_resolution": list(payload["masks"].shape[-2:]),
             "pixel_metrics": "computed" if has_masks else "none: the data has no ground-truth masks (image-level only)",
             "aggregate": "mean over categories",
-            "timing": {"ms_per_image_by_stage": ms_per_image, "note": "test batches, wall time / images"},
             "heads": heads,
             "categories": categories,
         }
