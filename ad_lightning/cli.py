@@ -1,4 +1,4 @@
-"""Command line: `python -m ad_lightning fit|validate|test|predict` (LightningCLI) and `download`.
+"""Command line: `python -m ad_lightning fit|validate|test|predict` (LightningCLI), `benchmark` and `download`.
 
 Defaults (ad_lightning/configs/default.yaml) train the `tiny` denoiser on the built-in demo set,
 so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by short name
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from ad_lightning import benchmark
 from ad_lightning.data import AnomalyDataModule, download
 from ad_lightning.lit import FeatureDDPM
 
@@ -48,6 +49,8 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["download"]:  # not a Trainer entry point: fetch and verify a benchmark
         sys.exit(download.main(argv[1:]))
+    if argv[:1] == ["benchmark"]:  # fit + test per category, through this same CLI
+        return benchmark.main(argv[1:], cli=main)
     # The frozen backbone is in eval mode on purpose; Lightning's notice about it only confuses.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     sub_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(DEFAULT_CONFIG)]}

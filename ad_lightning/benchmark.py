@@ -1,0 +1,87 @@
+"""`python -m ad_lightning benchmark`: fit + test per category, one results table.
+
+    python -m ad_lightning benchmark --config CFG --data.root ROOT --categories a,b --out results.csv
+
+Every other argument is passed to both `fit` and `test`. Each category runs in
+`<out dir>/<category>/{fit,test}/`; a category whose `test/metrics.json` exists is skipped unless
+`--force`, so an interrupted benchmark resumes where it stopped. Writes `results.csv` with one
+row per (category, head) plus a mean row, and a Markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+COLUMNS = (
+    "category", "head", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+    "pixel_f1max", "aupro", "accuracy", "precision", "recall", "f1", "ms_per_image",
+)  # fmt: skip
+
+
+def run_category(cli: Callable[[list[str]], None], category: str, out_dir: Path, passthrough: list[str]) -> Path:
+    """Fit then test one category; returns its metrics.json."""
+    base = [*passthrough, "--data.category", category, "--trainer.logger.init_args.save_dir", str(out_dir)]
+    cli(["fit", *base, "--trainer.logger.init_args.name", category, "--trainer.logger.init_args.version", "fit"])
+    checkpoint = out_dir / category / "fit" / "checkpoints" / "last.ckpt"
+    cli(["test", *base, "--trainer.logger.init_args.name", category, "--trainer.logger.init_args.version", "test",
+         "--ckpt_path", str(checkpoint)])  # fmt: skip
+    return out_dir / category / "test" / "metrics.json"
+
+
+def category_rows(category: str, metrics: dict) -> list[dict]:
+    """One row per score column of a category's metrics.json (mean over its categories = itself)."""
+    return [
+        {"category": category, "head": head, **{c: values.get(c) for c in COLUMNS[2:]}}
+        for head, values in metrics["heads"].items()
+    ]
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """The mean over categories of every metric, per head."""
+    means = []
+    for head in dict.fromkeys(r["head"] for r in rows):
+        own = [r for r in rows if r["head"] == head]
+        row = {"category": "mean", "head": head}
+        for column in COLUMNS[2:]:
+            values = [r[column] for r in own if r[column] is not None and not math.isnan(r[column])]
+            row[column] = sum(values) / len(values) if values else None
+        means.append(row)
+    return means
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str], cli: Callable[[list[str]], None]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ad_lightning benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--categories", required=True, help="comma-separated categories, e.g. bottle,cable")
+    parser.add_argument("--out", default="results.csv", type=Path, help="results table (CSV; .md written beside)")
+    parser.add_argument("--force", action="store_true", help="rerun categories that already have results")
+    args, passthrough = parser.parse_known_args(argv)
+    out_dir = args.out.parent / args.out.stem
+    rows = []
+    for category in [c.strip() for c in args.categories.split(",") if c.strip()]:
+        metrics_path = out_dir / category / "test" / "metrics.json"
+        if metrics_path.is_file() and not args.force:
+            print(f"benchmark: {category} already done ({metrics_path}); --force reruns it")
+        else:
+            shutil.rmtree(out_dir / category, ignore_errors=True)
+            metrics_path = run_category(cli, category, out_dir, passthrough)
+        rows += category_rows(category, json.loads(metrics_path.read_text()))
+    write_tables(rows + mean_rows(rows), args.out)
+    print(f"results: {args.out}\ntable:   {args.out.with_suffix('.md')}")
