@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
 from ad_lightning.diffusion import linear_alpha_bar, q_sample
 from ad_lightning.evaluation.report import TestRecorder
+from ad_lightning.evaluation.thresholds import fit_threshold
 from ad_lightning.evaluation.timing import StageTimer, batch1_latency
 from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
@@ -49,6 +50,8 @@ class FeatureDDPM(LightningModule):
         blur_sigma: optional Gaussian blur of upsampled anomaly maps (0 = off, as in InvAD).
         latency_images: test images re-scored one at a time (after 3 warm-up images) for the
             batch-1 latency in metrics.json; 0 turns it off.
+        threshold_method, threshold_q: the deployed image threshold of each head, fitted on the
+            normal validation scores: the `threshold_q` percentile, or `otsu`.
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class FeatureDDPM(LightningModule):
         ema_decay: float = 0.999,
         blur_sigma: float = 0.0,
         latency_images: int = 20,
+        threshold_method: str = "percentile",
+        threshold_q: float = 99.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -145,14 +150,18 @@ class FeatureDDPM(LightningModule):
             self._val_terms.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).terms)
 
     def on_validation_epoch_end(self) -> None:
-        """Fit every head's normalisers on the normal validation split (gathered over ranks)."""
+        """Fit every head's normalisers, then its decision threshold, on the normal validation
+        split (gathered over ranks)."""
         terms, self._val_terms = self._val_terms, {}
         if self.trainer.sanity_checking:
             return
         for name, chunks in terms.items():
             merged = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
             gathered = {key: self.all_gather(value).flatten() for key, value in merged.items()}
-            self.heads[name].fit(gathered)
+            head = self.heads[name]
+            head.fit(gathered)
+            threshold = fit_threshold(head.score(gathered), self.hparams.threshold_method, self.hparams.threshold_q)
+            head.threshold.fill_(threshold)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -174,7 +183,11 @@ class FeatureDDPM(LightningModule):
     # ----- test ----------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         keep = self.hparams.latency_images + LATENCY_WARMUP if self.hparams.latency_images else 0
-        self._recorder = TestRecorder({name: head.nfe for name, head in self.heads.items()}, keep_images=keep)
+        self._recorder = TestRecorder(
+            {name: head.nfe for name, head in self.heads.items()},
+            {name: float(head.threshold) for name, head in self.heads.items()},
+            keep_images=keep,
+        )
 
     def score_batch(self, image: Tensor, timer: StageTimer | None = None) -> dict[str, Scores]:
         """Score images [B, 3, H, W] with every head, sharing one backbone forward; maps at H x W."""

@@ -24,6 +24,8 @@ def test_benchmark_writes_table_with_mean_row_and_resumes(tmp_path, make_mvtec_t
     by = {(r["category"], r["head"]): r for r in rows}
     mean = (float(by["widget", "likelihood"]["image_auroc"]) + float(by["gadget", "likelihood"]["image_auroc"])) / 2
     assert float(by["mean", "likelihood"]["image_auroc"]) == mean
+    assert all(by[c, "likelihood"][col] != "" for c in ("widget", "mean") for col in COLUMNS[2:])
+    assert by["widget", "likelihood_nll"]["accuracy"] == ""  # a raw term has no deployed threshold
     assert out.with_suffix(".md").read_text().startswith("| category | head | image_auroc")
 
     metrics = tmp_path / "bench" / "results" / "widget" / "test" / "metrics.json"

@@ -33,6 +33,7 @@ def test_fit_then_test_writes_report(tree, tmp_path):
     assert ckpt.is_file()
     state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
     assert bool(state["heads.likelihood.norms.nll.fitted"]) and bool(state["feature_norm.fitted"])
+    assert torch.isfinite(state["heads.likelihood.threshold"])  # fitted on the normal validation split
     assert any(k.startswith("ema.module.") for k in state)
 
     run("test", tree, "--ckpt_path", "runs")  # a directory resolves to its newest checkpoint
@@ -41,6 +42,8 @@ def test_fit_then_test_writes_report(tree, tmp_path):
     assert metrics["n_test_images"] == 8 and metrics["n_anomalous"] == 4
     head = metrics["heads"]["likelihood"]
     assert head["nfe"] == 3 and 0.0 <= head["image_auroc"] <= 1.0 and 0.0 <= head["pixel_auroc"] <= 1.0
+    for metric in ("image_ap", "image_f1max", "pixel_ap", "pixel_f1max", "aupro", "accuracy", "precision", "f1"):
+        assert 0.0 <= head[metric] <= 1.0, metric
     assert set(metrics["heads"]) == {"likelihood", "likelihood_nll", "likelihood_sp"}
     timing = metrics["timing"]  # batch 1 over the 8 test images after 3 warm-up ones, split by stage
     assert {stage: s["n"] for stage, s in timing["batch1_by_stage"].items()} == {"backbone": 5, "likelihood": 5}

@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ad_lightning.evaluation.metrics import image_auroc, pixel_auroc
+from ad_lightning.evaluation.metrics import (
+    aupro,
+    average_precision,
+    f1_max,
+    image_auroc,
+    pixel_auroc,
+    thresholded,
+)
 from ad_lightning.evaluation.timing import StageTimer, peak_memory_mb
 
 
@@ -29,8 +36,9 @@ class TestRecorder:
     `<head>_<term>` (e.g. `likelihood_nll`), so the parts of a combined score are reported too.
     """
 
-    def __init__(self, nfe: dict[str, int], keep_images: int = 0) -> None:
+    def __init__(self, nfe: dict[str, int], thresholds: dict[str, float] | None = None, keep_images: int = 0) -> None:
         self.nfe = nfe
+        self.thresholds = thresholds or {}  # head -> deployed image threshold (fitted on normal validation)
         self.timer = StageTimer()  # batched test-loop time per stage
         self.keep_images = keep_images
         self.kept: list[Tensor] = []  # the first test images [1, 3, H, W], for the batch-1 latency run
@@ -74,7 +82,7 @@ class TestRecorder:
         datamodule = getattr(trainer, "datamodule", None)
         has_masks = getattr(datamodule, "has_masks", True)
         per_image = {stage: s["median_ms"] for stage, s in self.latency.items()} or batched
-        metrics = build_metrics(payload, self.owner, self.nfe, per_image, has_masks)
+        metrics = build_metrics(payload, self.owner, self.nfe, per_image, has_masks, self.thresholds)
         metrics["timing"] = {
             "ms_per_image": "median at batch 1 after warm-up" if self.latency else "batched wall time / images",
             "batch1_by_stage": self.latency,
@@ -122,19 +130,52 @@ def gather_payloads(payload: dict) -> dict:
     }
 
 
-def category_metrics(payload: dict, index: Tensor, has_masks: bool) -> dict:
-    """Image AUROC for every score column, pixel AUROC for every head with a map (if masks exist)."""
+EXACT_AUPRO_MAX_PIXELS = 2**24  # above this, AUPRO uses 1000 bins (within 0.005 of exact, bounded memory)
+ORACLE_METRICS = ("image_f1max", "pixel_f1max")  # they pick their threshold with the test labels
+
+
+def image_metrics(scores: Tensor, labels: Tensor, threshold: float | None) -> dict:
+    """Threshold-free image metrics, plus accuracy / precision / recall / F1 at the deployed threshold."""
+    out = {
+        "image_auroc": image_auroc(scores, labels),
+        "image_ap": average_precision(scores, labels),
+        "image_f1max": f1_max(scores, labels)[0],
+    }
+    if threshold is not None and math.isfinite(threshold):
+        out.update(thresholded(scores, labels, threshold))
+    return out
+
+
+def pixel_metrics(maps: Tensor, masks: Tensor) -> dict:
+    """Pixel AUROC, AP, F1-max over all pixels and AUPRO up to FPR 0.3 (binned for large sets)."""
+    positive = masks > 0.5
+    bins = None if maps.numel() <= EXACT_AUPRO_MAX_PIXELS else 1000
+    return {
+        "pixel_auroc": pixel_auroc(maps, masks),
+        "pixel_ap": average_precision(maps, positive),
+        "pixel_f1max": f1_max(maps, positive)[0],
+        "aupro": aupro(maps, positive, fpr_limit=0.3, bins=bins),
+    }
+
+
+def category_metrics(payload: dict, index: Tensor, has_masks: bool, thresholds: dict[str, float]) -> dict:
+    """Image metrics for every score column; pixel metrics for every head with a map (if masks exist)."""
     labels = torch.tensor([payload["rows"][i]["label"] for i in index.tolist()])
     out = {}
     for key, scores in payload["scores"].items():
-        out[key] = {"image_auroc": image_auroc(scores[index], labels)}
+        out[key] = image_metrics(scores[index], labels, thresholds.get(key))
         if has_masks and key in payload["maps"]:
-            out[key]["pixel_auroc"] = pixel_auroc(payload["maps"][key][index], payload["masks"][index])
+            out[key].update(pixel_metrics(payload["maps"][key][index], payload["masks"][index]))
     return out
 
 
 def build_metrics(
-    payload: dict, owner: dict[str, str], nfe: dict[str, int], ms_per_image: dict[str, float], has_masks: bool = True
+    payload: dict,
+    owner: dict[str, str],
+    nfe: dict[str, int],
+    ms_per_image: dict[str, float],
+    has_masks: bool = True,
+    thresholds: dict[str, float] | None = None,
 ) -> dict:
     """metrics.json content: mean over categories at the top, per category below.
 
@@ -149,7 +190,7 @@ def build_metrics(
         categories[category] = {
             "n_test_images": len(idx),
             "n_anomalous": sum(rows[i]["label"] for i in idx),
-            "heads": category_metrics(payload, index, has_masks),
+            "heads": category_metrics(payload, index, has_masks, thresholds or {}),
         }
     heads = {}
     for key in payload["scores"]:
@@ -165,6 +206,8 @@ def build_metrics(
             "evaluation_resolution": list(payload["masks"].shape[-2:]),
             "pixel_metrics": "computed" if has_masks else "none: the data has no ground-truth masks (image-level only)",
             "aggregate": "mean over categories",
+            "oracle_metrics": list(ORACLE_METRICS),
+            "thresholds": {"deployed_image_threshold": thresholds or {}, "fitted_on": "normal validation split"},
             "heads": heads,
             "categories": categories,
         }

@@ -32,9 +32,16 @@ class Scores:
 
 
 class Head(nn.Module):
-    """Base class: subclasses set `name`, implement `evaluate`, `fit` and `score`."""
+    """Base class: subclasses set `name`, implement `evaluate`, `fit` and `score`.
+
+    `threshold` is the deployed image decision threshold on `score`, fitted on the normal
+    validation split (NaN until then)."""
 
     name: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(float("nan"), dtype=torch.float64))
 
     @property
     def nfe(self) -> int:

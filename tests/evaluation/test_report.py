@@ -25,3 +25,15 @@ def test_per_category_then_mean_and_counts():
 def test_without_masks_the_run_is_image_level_and_says_so():
     m = build_metrics(payload(), {"h": "h", "h_t": "h"}, {"h": 2}, {}, has_masks=False)
     assert "pixel_auroc" not in m["heads"]["h"] and m["pixel_metrics"].startswith("none")
+
+
+def test_full_metric_set_and_deployed_threshold_only_for_heads():
+    m = build_metrics(payload(), {"h": "h", "h_t": "h"}, {"h": 2}, {}, thresholds={"h": 0.65})
+    a = m["categories"]["a"]["heads"]["h"]
+    assert a["image_ap"] == 1.0 and a["image_f1max"] == 1.0
+    assert (a["accuracy"], a["precision"], a["recall"], a["f1"]) == (1.0, 1.0, 1.0, 1.0)  # 0.9, 0.8 >= 0.65
+    b = m["categories"]["b"]["heads"]["h"]  # only 0.7 >= 0.65, and it is anomalous
+    assert (b["accuracy"], b["precision"], b["recall"]) == (0.75, 1.0, 0.5)
+    assert "accuracy" not in m["heads"]["h_t"]  # a raw term has no deployed threshold
+    assert {"pixel_ap", "pixel_f1max", "aupro"} <= set(m["heads"]["h"]) and m["heads"]["h"]["aupro"] == 1.0
+    assert m["oracle_metrics"] == ["image_f1max", "pixel_f1max"]
