@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ad_lightning.evaluation.report import nan_mean
+
 COLUMNS = (
     "category", "head", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
     "pixel_f1max", "aupro", "accuracy", "precision", "recall", "f1", "ms_per_image",
@@ -49,8 +51,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         own = [r for r in rows if r["head"] == head]
         row = {"category": "mean", "head": head}
         for column in COLUMNS[2:]:
-            values = [r[column] for r in own if r[column] is not None and not math.isnan(r[column])]
-            row[column] = sum(values) / len(values) if values else None
+            mean = nan_mean([r[column] for r in own if r[column] is not None])
+            row[column] = None if math.isnan(mean) else mean
         means.append(row)
     return means
 

@@ -231,14 +231,10 @@ class FeatureDDPM(LightningModule):
 
         Maps and masks are recorded at the evaluation resolution (the data's image_size)."""
         results = self.score_images(batch["image"], self._recorder.timer)
-        tiling = getattr(self.trainer.datamodule, "tiling", None)
-        if tiling is not None:
-            size = self.trainer.datamodule.image_size
-            batch = {**batch, "mask": F.interpolate(batch["mask"], size=(size, size), mode="nearest")}
+        size = (self.trainer.datamodule.image_size,) * 2
+        batch = {**batch, "mask": at_resolution(batch["mask"], size, "nearest")}  # [B, 1, H, W]
         for name, scores in results.items():
-            maps = scores.maps
-            if maps.shape[-2:] != batch["mask"].shape[-2:]:
-                maps = F.interpolate(maps[:, None], size=batch["mask"].shape[-2:], mode="bilinear")[:, 0]
+            maps = at_resolution(scores.maps[:, None], size, "bilinear")[:, 0]  # [B, H, W]
             self._recorder.add_head(name, scores.score, scores.terms, maps)
         self._recorder.add_batch(batch)
 
@@ -265,6 +261,11 @@ def ema_with_warmup(decay: float):
             avg.lerp_(cur, weight)
 
     return update
+
+
+def at_resolution(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """[B, C, H, W] resized to `size` unless it already has it (tiled test images are native size)."""
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode=mode)
 
 
 def batch_size(batch: dict) -> int:
