@@ -5,12 +5,16 @@ large raw scores (an NLL of 1e4) into ties and silently wrecks the AUROC. Scores
 first mapped into [0, 1] by their dense rank: an order- and tie-preserving map, so every
 rank-based metric is unchanged and no value saturates.
 
-AUPRO (Bergmann et al., MVTec AD) is computed here directly on raw scores: exactly over every
-distinct threshold, or over a fixed grid of thresholds with `BinnedAUPRO`, whose memory does
-not grow with the number of images.
+AUPRO (Bergmann et al., MVTec AD) is computed here directly on raw scores. Pixel metrics come
+either exactly (every pixel sorted) or from a `ScoreHistogram`, whose memory does not grow with
+the number of images: it bins raw scores on a canonical grid (never through a sigmoid) and
+gives the exact metrics of the scores rounded down to their bin's lower edge.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,7 +28,9 @@ from torchmetrics.functional.classification import (
 
 from ad_lightning.evaluation.thresholds import is_anomalous
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+# 8-connected within an image, never across images (axis 0 of [N, H, W])
+EIGHT_CONNECTED_PER_IMAGE = np.zeros((3, 3, 3), dtype=bool)
+EIGHT_CONNECTED_PER_IMAGE[1] = True
 
 
 def _finite(scores: Tensor) -> Tensor:
@@ -102,48 +108,56 @@ def f1_max(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     return float(f1[best]), float(raw[unit == unit_thresholds[best]][0])
 
 
-def thresholded(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
-    """Accuracy, precision, recall and F1 of the deployed rule score >= threshold.
+def confusion(predicted: Tensor, labels: Tensor) -> np.ndarray:
+    """Counts [TP, FP, FN, TN] of boolean decisions against boolean labels (any equal shapes)."""
+    predicted, labels = predicted.bool(), labels.bool()
+    counts = [predicted & labels, predicted & ~labels, ~predicted & labels, ~predicted & ~labels]
+    return np.array([int(c.sum()) for c in counts], dtype=np.int64)
+
+
+def decision_rates(counts: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 from counts [TP, FP, FN, TN].
 
     A ratio whose denominator is zero (no predicted or no actual anomaly) is reported as 0.0.
     """
-    labels = _binary_labels(scores, labels).bool()
-    predicted = is_anomalous(_finite(scores.flatten()), threshold)
-    tp = int((predicted & labels).sum())
-    fp = int((predicted & ~labels).sum())
-    fn = int((~predicted & labels).sum())
+    tp, fp, fn, tn = (int(c) for c in counts)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = int((predicted == labels).sum()) / labels.numel()
-    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+    total = tp + fp + fn + tn
+    return {"accuracy": (tp + tn) / total if total else 0.0, "precision": precision, "recall": recall, "f1": f1}
 
 
-def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per pixel 1/|region| for anomalous pixels (0 for normal ones) and the number of regions.
+def thresholded(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of the deployed rule score >= threshold (see `decision_rates`)."""
+    labels = _binary_labels(scores, labels)
+    return decision_rates(confusion(is_anomalous(_finite(scores.flatten()), threshold), labels))
 
-    Regions are the 8-connected components of each image's mask; summing the weights of the
-    pixels above a threshold gives the sum over regions of their overlap.
+
+@dataclass
+class DefectRegions:
+    """Ground truth of a batch for pixel metrics, computed once and shared by every head.
+
+    `weights` holds 1/|region| on anomalous pixels (regions: 8-connected mask components of each
+    image) and 0 elsewhere: summing them over the pixels above a threshold gives the sum over
+    regions of their flagged share, the numerator of PRO.
     """
-    weights = np.zeros(masks.shape, dtype=np.float64)
-    n_regions = 0
-    for image, mask in enumerate(masks):
-        regions, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        sizes = np.bincount(regions.ravel())
-        weights[image] = np.where(regions > 0, 1.0 / sizes[regions], 0.0)
-        n_regions += count
-    return weights, n_regions
 
+    anomalous: np.ndarray  # [N, H, W] bool
+    weights: np.ndarray  # [N, H, W] float64
+    n_regions: int
 
-def _pro_inputs(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Checked float64 scores, boolean masks, region weights and region count as numpy [N, H, W]."""
-    _same_shape(maps, masks)
-    if maps.ndim != 3:
-        raise ValueError(f"AUPRO expects maps and masks [N, H, W], got {tuple(maps.shape)}")
-    scores = _finite(maps).detach().cpu().to(torch.float64).numpy()
-    anomalous = (masks > 0.5).cpu().numpy()
-    weights, n_regions = _region_weights(anomalous)
-    return scores, anomalous, weights, n_regions
+    @classmethod
+    def of(cls, masks: Tensor) -> DefectRegions:
+        """Regions of masks [N, H, W] (a pixel is anomalous where its mask is > 0.5)."""
+        if masks.ndim != 3:
+            raise ValueError(f"pixel metrics expect masks [N, H, W], got {tuple(masks.shape)}")
+        anomalous = (masks.detach().cpu() > 0.5).numpy()
+        regions, n_regions = ndimage.label(anomalous, structure=EIGHT_CONNECTED_PER_IMAGE)  # ids unique over images
+        inverse_size = 1.0 / np.maximum(np.bincount(regions.ravel()), 1)
+        inverse_size[0] = 0.0  # label 0 is the normal background
+        weights = inverse_size[regions]
+        return cls(anomalous, weights, n_regions)
 
 
 def _area_under_pro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
@@ -171,75 +185,179 @@ def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3, bins: int | None 
 
     PRO(t) is the mean over all defect regions (8-connected mask components, every image) of the
     fraction of the region with score >= t; FPR(t) is over all normal pixels. maps, masks
-    [N, H, W]. `bins=None`: exact over every distinct score; `bins=K`: K thresholds evenly spaced
-    from the min to the max score (see `BinnedAUPRO`). NaN when there is no defect region or no
-    normal pixel, since the curve is then undefined.
+    [N, H, W]. `bins=None`: exact over every distinct score; `bins=K`: from a `ScoreHistogram(K)`
+    (thresholds at its bin edges). NaN when there is no defect region or no normal pixel, since
+    the curve is then undefined.
     """
     _check_limit(fpr_limit)
+    _same_shape(maps, masks)
+    regions = DefectRegions.of(masks)
     if bins is not None:
-        metric = BinnedAUPRO(bins, float(_finite(maps).min()), float(maps.max()), fpr_limit)
-        metric.update(maps, masks)
-        return metric.compute()
-    scores, anomalous, weights, n_regions = _pro_inputs(maps, masks)
-    n_normal = int((~anomalous).sum())
-    if n_regions == 0 or n_normal == 0:
+        histogram = ScoreHistogram(bins)
+        histogram.update(maps, regions)
+        return histogram.aupro(fpr_limit)
+    scores = _finite(maps).detach().cpu().to(torch.float64).numpy().ravel()  # [N, H, W] -> [N*H*W]
+    n_normal = int((~regions.anomalous).sum())
+    if regions.n_regions == 0 or n_normal == 0:
         return float("nan")
-    order = np.argsort(-scores.ravel(), kind="stable")  # [N, H, W] -> [N*H*W], high scores first
-    descending = scores.ravel()[order]
-    false_positives = np.cumsum(~anomalous.ravel()[order])  # normal pixels with score >= each score
-    overlap = np.cumsum(weights.ravel()[order])  # sum over regions of their flagged share
+    order = np.argsort(-scores, kind="stable")  # high scores first
+    descending = scores[order]
+    false_positives = np.cumsum(~regions.anomalous.ravel()[order])  # normal pixels with score >= each score
+    overlap = np.cumsum(regions.weights.ravel()[order])  # sum over regions of their flagged share
     # one curve point per distinct score: the last pixel of each run of ties
     last_of_tie = np.flatnonzero(np.append(descending[1:] != descending[:-1], True))
     fpr = np.append(0.0, false_positives[last_of_tie] / n_normal)
-    pro = np.append(0.0, overlap[last_of_tie] / n_regions)
+    pro = np.append(0.0, overlap[last_of_tie] / regions.n_regions)
     return _area_under_pro(fpr, pro, fpr_limit)
 
 
-class BinnedAUPRO:
-    """AUPRO over `bins` thresholds evenly spaced in [low, high], fed image by image.
+MIN_LEVEL = -1074  # 2**-1074 is the smallest positive float64: no finer grid can be told apart
+MAX_INDEX = 2**53  # bin indices stay exact in float64, so every lower edge k * 2**e is exact
 
-    Keeps two histograms of length `bins` (normal pixels, region-overlap weights) and two counts,
-    so memory does not grow with the number of images. The range must be known up front (e.g.
-    from the normal validation split or a first pass); scores outside it are clamped into it.
+
+def _start_level(lo: float, hi: float, capacity: int) -> int:
+    """A lower bound on the level that scores in [lo, hi] need, from float exponents: the search in
+    `ScoreHistogram._cover` then takes a step or two and no ldexp in it can overflow."""
+    level = MIN_LEVEL
+    biggest = max(abs(lo), abs(hi))
+    if biggest > 0:  # |floor(v / 2**e)| <= 2**53 needs e >= exponent(|v|) - 54
+        level = max(level, math.frexp(biggest)[1] - 54)
+    if hi > lo:  # (hi - lo) / 2**e < capacity needs e >= exponent((hi - lo) / capacity) - 1; one less for rounding
+        level = max(level, math.frexp((hi - lo) / capacity)[1] - 2)
+    return level
+
+
+class ScoreHistogram:
+    """Pixel scores of normal and anomalous pixels binned on a canonical dyadic grid.
+
+    At level e, bin k holds the scores v with floor(v / 2**e) == k; its lower edge is k * 2**e.
+    The grids of all levels nest (floor(floor(x) / 2) == floor(x / 2)), so histograms fed
+    different images (batches, categories, DDP ranks) merge exactly by coarsening the finer one.
+    The level is the smallest e whose grid holds every score seen in at most 2 * bins bins: at
+    least `bins` bins span the observed range whatever its scale or offset, no range is needed up
+    front, and the histogram depends only on the scores seen, not on their order or chunking.
+    Rows of `counts`: normal pixels, anomalous pixels, AUPRO region-overlap weights; the metrics
+    equal the exact ones of the scores rounded down to their bin's lower edge.
     """
 
-    def __init__(self, bins: int, low: float, high: float, fpr_limit: float = 0.3) -> None:
-        _check_limit(fpr_limit)
-        if bins < 2:
-            raise ValueError(f"BinnedAUPRO needs at least 2 bins, got {bins}")
-        if not (np.isfinite(low) and np.isfinite(high) and low <= high):
-            raise ValueError(f"BinnedAUPRO needs a finite score range low <= high, got [{low}, {high}]")
-        self.bins, self.low, self.high, self.fpr_limit = bins, low, high, fpr_limit
-        self.normal_hist = np.zeros(bins, dtype=np.int64)
-        self.overlap_hist = np.zeros(bins, dtype=np.float64)
+    def __init__(self, bins: int = 1000) -> None:
+        if bins < 1:
+            raise ValueError(f"a score histogram needs bins >= 1, got {bins}; the default is 1000")
+        self.bins = bins
+        self.level = MIN_LEVEL
+        self.offset = 0  # bin index k of counts[:, 0]
+        self.counts = np.zeros((3, 0))  # [normal, anomalous, overlap] x bins
         self.n_regions = 0
 
-    def thresholds(self) -> np.ndarray:
-        """The K thresholds t_k = low + k (high - low) / (K - 1)."""
-        return np.linspace(self.low, self.high, self.bins)
+    @property
+    def bin_width(self) -> float:
+        return math.ldexp(1.0, self.level)
 
-    def _bin(self, scores: np.ndarray) -> np.ndarray:
-        """Index of the highest threshold each (clamped) score reaches."""
-        if self.high == self.low:
-            return np.zeros(scores.shape, dtype=np.int64)
-        step = (self.high - self.low) / (self.bins - 1)
-        index = np.floor((np.clip(scores, self.low, self.high) - self.low) / step).astype(np.int64)
-        return np.minimum(index, self.bins - 1)
+    def _index_range(self, level: int) -> tuple[int, int] | None:
+        """First and last bin index of the stored counts once coarsened to `level` (None if empty)."""
+        if not self.counts.shape[1]:
+            return None
+        shift = level - self.level
+        return self.offset >> shift, (self.offset + self.counts.shape[1] - 1) >> shift
 
-    def update(self, maps: Tensor, masks: Tensor) -> None:
-        """Add a batch of maps and masks [B, H, W] (regions never span two images)."""
-        scores, anomalous, weights, n_regions = _pro_inputs(maps, masks)
-        index = self._bin(scores)
-        self.normal_hist += np.bincount(index[~anomalous], minlength=self.bins)
-        self.overlap_hist += np.bincount(index[anomalous], weights[anomalous], minlength=self.bins)
-        self.n_regions += n_regions
+    def _union_range(self, lo: float, hi: float, level: int) -> tuple[int, int]:
+        """First and last bin index at `level` covering the stored counts and the scores lo..hi."""
+        k_lo, k_hi = math.floor(math.ldexp(lo, -level)), math.floor(math.ldexp(hi, -level))
+        stored = self._index_range(level)
+        return (min(k_lo, stored[0]), max(k_hi, stored[1])) if stored else (k_lo, k_hi)
 
-    def compute(self) -> float:
-        """The normalised area, NaN when no region or no normal pixel was seen."""
-        n_normal = int(self.normal_hist.sum())
-        if self.n_regions == 0 or n_normal == 0:
+    def _cover(self, lo: float, hi: float, min_level: int) -> None:
+        """Coarsen to the smallest level >= min_level whose grid also holds lo..hi, and widen to it."""
+        level = max(self.level, min_level, _start_level(lo, hi, 2 * self.bins))
+        while True:
+            k_lo, k_hi = self._union_range(lo, hi, level)
+            if k_hi - k_lo < 2 * self.bins and max(-k_lo, k_hi) <= MAX_INDEX:
+                break
+            level += 1
+        if level == self.level and (k_lo, k_hi) == self._index_range(level):
+            return  # already covered: no new array (a long-lived one per batch would fragment the heap)
+        widened = np.zeros((3, k_hi - k_lo + 1))
+        if self.counts.shape[1]:
+            first, coarse = self._rebinned(level)
+            widened[:, first - k_lo : first - k_lo + coarse.shape[1]] = coarse
+        self.counts, self.offset, self.level = widened, k_lo, level
+
+    def _rebinned(self, level: int) -> tuple[int, np.ndarray]:
+        """The non-empty counts coarsened to `level` (>= self.level) and their first bin index."""
+        first, last = self._index_range(level)
+        if level == self.level:
+            return first, self.counts
+        # shifts past 62 send every |k| <= 2**53 to 0 or -1, as the full shift would
+        index = (self.offset + np.arange(self.counts.shape[1])) >> min(level - self.level, 62)
+        coarse = np.zeros((3, last - first + 1))
+        np.add.at(coarse, (slice(None), index - first), self.counts)
+        return first, coarse
+
+    def update(self, maps: Tensor, regions: DefectRegions) -> None:
+        """Add maps [N, H, W] with the regions of their masks (`DefectRegions.of(masks)`)."""
+        if tuple(maps.shape) != regions.anomalous.shape:
+            raise ValueError(f"anomaly maps {tuple(maps.shape)} and masks {regions.anomalous.shape} differ in shape")
+        scores = _finite(maps).detach().cpu().to(torch.float64).numpy().ravel()  # [N, H, W] -> [N*H*W]
+        self.n_regions += regions.n_regions
+        if not scores.size:
+            return
+        self._cover(float(scores.min()), float(scores.max()), self.level)
+        n = self.counts.shape[1]
+        index = np.floor(np.ldexp(scores, -self.level)).astype(np.int64) - self.offset
+        by_class = np.bincount(index + n * regions.anomalous.ravel(), minlength=2 * n)
+        self.counts[:2] += by_class.reshape(2, n)  # [2n] -> [normal; anomalous]
+        self.counts[2] += np.bincount(index, regions.weights.ravel(), minlength=n)
+
+    def merge(self, other: ScoreHistogram) -> None:
+        """Add another histogram: exactly as if this one had seen the other's scores too."""
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge score histograms of {self.bins} and {other.bins} bins")
+        self.n_regions += other.n_regions
+        stored = other._index_range(other.level)
+        if stored is None:
+            return
+        # the lower edges of its end bins lie in the same bins as its end scores at every level >= its own
+        self._cover(math.ldexp(stored[0], other.level), math.ldexp(stored[1], other.level), other.level)
+        first, coarse = other._rebinned(self.level)
+        self.counts[:, first - self.offset : first - self.offset + coarse.shape[1]] += coarse
+
+    def _at_or_above(self) -> np.ndarray:
+        """Rows of `counts` summed over the bins at or above each bin, highest bin first: [3, n]."""
+        return np.cumsum(self.counts[:, ::-1], axis=1)
+
+    def auroc(self) -> float:
+        """Pixel AUROC with ties inside a bin counted half (NaN if one class is absent)."""
+        normal, anomalous = self.counts[0], self.counts[1]
+        n_normal, n_anomalous = normal.sum(), anomalous.sum()
+        if n_normal == 0 or n_anomalous == 0:
             return float("nan")
-        # counts at score >= t_k: cumulative sums from the highest threshold down
-        fpr = np.append(0.0, np.cumsum(self.normal_hist[::-1]) / n_normal)
-        pro = np.append(0.0, np.cumsum(self.overlap_hist[::-1]) / self.n_regions)
-        return _area_under_pro(fpr, pro, self.fpr_limit)
+        below = np.cumsum(normal) - normal  # normal pixels in lower bins
+        return float((anomalous * (below + 0.5 * normal)).sum() / (n_normal * n_anomalous))
+
+    def average_precision(self) -> float:
+        """Step-wise AP over the bin edges, as `average_precision` (NaN without anomalous pixels)."""
+        false_pos, true_pos, _ = self._at_or_above()
+        gained = self.counts[1, ::-1]  # anomalous pixels newly flagged at each edge
+        if not true_pos.size or true_pos[-1] == 0:
+            return float("nan")
+        hit = gained > 0
+        return float(np.sum(gained[hit] / true_pos[-1] * true_pos[hit] / (true_pos[hit] + false_pos[hit])))
+
+    def f1_max(self) -> tuple[float, float]:
+        """ORACLE: best F1 over the bin edges and the edge reaching it (NaN without anomalous pixels)."""
+        false_pos, true_pos, _ = self._at_or_above()
+        if not true_pos.size or true_pos[-1] == 0:
+            return float("nan"), float("nan")
+        f1 = 2 * true_pos / (true_pos + false_pos + true_pos[-1])  # 2TP / (2TP + FP + FN)
+        best = int(np.argmax(f1))
+        return float(f1[best]), math.ldexp(self.offset + self.counts.shape[1] - 1 - best, self.level)
+
+    def aupro(self, fpr_limit: float = 0.3) -> float:
+        """AUPRO over the bin edges (see `aupro`); NaN without a defect region or a normal pixel."""
+        _check_limit(fpr_limit)
+        false_pos, _, overlap = self._at_or_above()
+        if self.n_regions == 0 or not false_pos.size or false_pos[-1] == 0:
+            return float("nan")
+        fpr = np.append(0.0, false_pos / false_pos[-1])
+        pro = np.append(0.0, overlap / self.n_regions)
+        return _area_under_pro(fpr, pro, fpr_limit)

@@ -4,7 +4,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.measure import label
 
-from ad_lightning.evaluation.metrics import BinnedAUPRO, aupro
+from ad_lightning.evaluation.metrics import DefectRegions, ScoreHistogram, aupro
 
 
 def brute_force_aupro(maps, masks, fpr_limit=0.3):
@@ -95,8 +95,8 @@ def test_undefined_cases_give_nan_and_bad_input_raises():
         aupro(torch.full((1, 2, 2), float("nan")), torch.eye(2)[None])
     with pytest.raises(ValueError, match="fpr_limit"):
         aupro(torch.rand(1, 2, 2), torch.eye(2)[None], fpr_limit=0.0)
-    with pytest.raises(ValueError, match="range"):
-        BinnedAUPRO(100, low=1.0, high=0.0)
+    with pytest.raises(ValueError, match="fpr_limit"):
+        aupro(torch.rand(1, 2, 2), torch.eye(2)[None], fpr_limit=1.5, bins=10)
 
 
 def realistic_case(seed):
@@ -120,19 +120,18 @@ def test_binned_is_close_to_exact(seed):
 
 def test_binned_fed_image_by_image_equals_one_batch():
     maps, masks = realistic_case(3)
-    metric = BinnedAUPRO(1000, low=float(maps.min()), high=float(maps.max()))
+    metric = ScoreHistogram(1000)
     for image in range(len(maps)):
-        metric.update(torch.tensor(maps[image : image + 1]), torch.tensor(masks[image : image + 1]))
-    assert metric.normal_hist.shape == metric.overlap_hist.shape == (1000,)
+        metric.update(torch.tensor(maps[image : image + 1]), DefectRegions.of(torch.tensor(masks[image : image + 1])))
+    assert 1000 <= metric.counts.shape[1] <= 2000  # memory set by the bins, not the number of images
     one_batch = aupro(torch.tensor(maps), torch.tensor(masks), bins=1000)
-    assert metric.compute() == pytest.approx(one_batch, abs=1e-12)
+    assert metric.aupro() == pytest.approx(one_batch, abs=1e-12)
 
 
-def test_binned_clamps_scores_outside_its_range():
-    maps, masks = realistic_case(4)
-    low, high = np.quantile(maps, [0.05, 0.95])  # e.g. a range taken from normal validation maps
-    wide, clipped = BinnedAUPRO(200, low, high), BinnedAUPRO(200, low, high)
-    wide.update(torch.tensor(maps), torch.tensor(masks))
-    clipped.update(torch.tensor(np.clip(maps, low, high)), torch.tensor(masks))
-    assert wide.compute() == clipped.compute()
-    assert 0.0 < wide.compute() <= 1.0
+def test_binned_equals_exact_when_every_score_is_a_bin_edge():
+    """Scores on a grid of 1/8 are their own bin edges once the grid is at least that fine."""
+    maps, masks = small_case(2, 1.0, 0.0)
+    maps = np.round(maps * 8) / 8
+    assert aupro(torch.tensor(maps), torch.tensor(masks), bins=1000) == pytest.approx(
+        brute_force_aupro(maps, masks), abs=1e-12
+    )
