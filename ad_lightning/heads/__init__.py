@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
-from ad_lightning.heads.base import Head, HeadOutput, Normalizer, Scores, to_image_map
+import inspect
+from collections.abc import Callable
+from functools import partial
+
+from ad_lightning.heads.base import FittedState, Head, HeadOutput, Normalizer, Scores, to_image_map
+from ad_lightning.heads.ensemble import EnsembleHead
+from ad_lightning.heads.irf import IRFHead
 from ad_lightning.heads.likelihood import LikelihoodHead
+from ad_lightning.heads.pooled import PooledDetectorHead
+from ad_lightning.heads.radar import RadarHead
+from ad_lightning.heads.reconstruction import ReconstructionHead
 
-HEADS: dict[str, type[Head]] = {LikelihoodHead.name: LikelihoodHead}
+HEADS: dict[str, Callable[..., Head]] = {
+    LikelihoodHead.name: LikelihoodHead,
+    IRFHead.name: IRFHead,
+    RadarHead.name: RadarHead,
+    ReconstructionHead.name: ReconstructionHead,
+    EnsembleHead.name: EnsembleHead,
+    **{kind: partial(PooledDetectorHead, kind) for kind in ("iforest", "lof", "ocsvm")},
+}
 
 
-def build_head(name: str, **kwargs) -> Head:
-    """Instantiate a head by its registered name."""
+def build_head(name: str, num_timesteps: int = 1000, **kwargs) -> Head:
+    """Instantiate a head by its registered name; `num_timesteps` goes to heads that walk the schedule."""
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; available: {', '.join(sorted(HEADS))}")
+    if "num_timesteps" in inspect.signature(HEADS[name]).parameters:
+        kwargs["num_timesteps"] = num_timesteps
     return HEADS[name](**kwargs)
 
 
-__all__ = ["HEADS", "Head", "HeadOutput", "LikelihoodHead", "Normalizer", "Scores", "build_head", "to_image_map"]
+__all__ = [
+    "HEADS",
+    "EnsembleHead",
+    "FittedState",
+    "Head",
+    "HeadOutput",
+    "IRFHead",
+    "LikelihoodHead",
+    "Normalizer",
+    "PooledDetectorHead",
+    "RadarHead",
+    "ReconstructionHead",
+    "Scores",
+    "build_head",
+    "to_image_map",
+]

@@ -1,13 +1,19 @@
-"""What every scoring head provides, and the pieces they share.
+"""The one protocol every scoring head follows, and the pieces heads share.
 
-A head turns standardised features z0 [B, C, h, w] and the denoiser (as an `eps_fn`) into raw
-per-image terms and an anomaly map on the feature grid; `fit` sets its state from normal
-validation terms; `score` turns terms into the image score. All fitted state lives in buffers,
-so it is saved in the checkpoint and `test`/`predict` need nothing else.
+A head turns standardised features z0 [B, C, h, w] and the denoiser (an `eps_fn`) into raw
+per-image terms and a raw anomaly map (`evaluate`). Its state comes from normal data only:
+`fit_train` (statistics of the normal training features, e.g. OSD-IRF's Gaussians; optional)
+and `calibrate` (normalisers, the map range and the deployed threshold, from the normal
+validation split). `score` turns a raw output into the image score and the final map.
+
+All fitted state lives in buffers, so it is saved in the checkpoint and `test`/`predict` need
+nothing else. Buffers whose shape is only known after fitting (a Gaussian per position, an
+Isolation Forest's training points) are resized or created when a checkpoint is loaded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,46 +22,110 @@ from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from ad_lightning.diffusion import EpsFn
+from ad_lightning.evaluation.thresholds import fit_threshold
 
 
 @dataclass
 class HeadOutput:
     terms: dict[str, Tensor]  # raw per-image quantities, each [B]
-    map: Tensor  # anomaly map on the feature grid [B, h, w]
+    map: Tensor | None  # raw anomaly map on the feature grid [B, h, w] (ensemble: [B, M, h, w]); None if pooled
+    score: Tensor | None = None  # the image score [B] when the head computes it directly (a novelty detector)
+
+    def to(self, device: torch.device | str) -> HeadOutput:
+        move = lambda v: None if v is None else v.detach().to(device)
+        return HeadOutput({k: move(v) for k, v in self.terms.items()}, move(self.map), move(self.score))
+
+    @staticmethod
+    def cat(outputs: list[HeadOutput]) -> HeadOutput:
+        """Concatenate batch outputs along the batch dimension."""
+        join = lambda values: None if values[0] is None else torch.cat(values)
+        terms = {k: torch.cat([o.terms[k] for o in outputs]) for k in outputs[0].terms}
+        return HeadOutput(terms, join([o.map for o in outputs]), join([o.score for o in outputs]))
 
 
 @dataclass
 class Scores:
     score: Tensor  # image score [B]
     terms: dict[str, Tensor]  # raw per-image terms, each [B]
-    maps: Tensor  # anomaly maps at the image size [B, H, W]
+    maps: Tensor | None = None  # anomaly maps at the image size [B, H, W]; None for heads without a map
+    pixel_decisions: Tensor | None = None  # deployed per-pixel decisions [B, H, W] bool, for heads that make them
 
 
-class Head(nn.Module):
-    """Base class: subclasses set `name`, implement `evaluate`, `fit` and `score`.
+class FittedState(nn.Module):
+    """A module whose buffers may change shape when fitted; loading a checkpoint adopts the saved
+    shapes and creates buffers the fresh module does not have yet (direct buffers only)."""
 
-    `threshold` is the deployed image decision threshold on `score`, fitted on the normal
-    validation split (NaN until then)."""
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for key, value in state_dict.items():
+            name = key[len(prefix) :]
+            if not key.startswith(prefix) or "." in name or name in self._parameters:
+                continue
+            current = self._buffers.get(name)
+            if current is None or current.shape != value.shape or current.dtype != value.dtype:
+                self.register_buffer(name, torch.empty_like(value, device=getattr(current, "device", "cpu")))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        self.on_load()
+
+    def on_load(self) -> None:
+        """Hook: drop caches derived from the buffers (e.g. a rebuilt scikit-learn estimator)."""
+
+
+class Head(FittedState):
+    """Base class: subclasses set `name`, implement `nfe`, `evaluate` and, where needed,
+    `fit_train`, `fit` and `score`.
+
+    Buffers every head has: `threshold`, the deployed image decision threshold on the score, and
+    `map_low` / `map_high`, the range of its final maps on the normal validation split (the
+    binning grid for pixel metrics, the display range of heatmaps); NaN until calibrated.
+    """
 
     name: str = ""
+    needs_train_fit = False  # True: `fit_train` must see the normal training features first
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("threshold", torch.tensor(float("nan"), dtype=torch.float64))
+        for buffer in ("threshold", "map_low", "map_high"):
+            self.register_buffer(buffer, torch.tensor(float("nan"), dtype=torch.float64))
 
     @property
     def nfe(self) -> int:
         """Network evaluations per image."""
         raise NotImplementedError
 
+    def fit_train(self, batches: Iterable[Tensor], eps_fn: EpsFn, alpha_bar: Tensor) -> None:
+        """Fit statistics of normal training features, z0 batches [B, C, h, w]; no-op by default."""
+
     def evaluate(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> HeadOutput:
         raise NotImplementedError
 
-    def fit(self, normal_terms: dict[str, Tensor]) -> None:
-        raise NotImplementedError
+    def fit(self, normal: HeadOutput) -> None:
+        """Fit normalisers on raw outputs of normal validation images; nothing to fit by default."""
 
-    def score(self, terms: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
+    def score(self, out: HeadOutput) -> tuple[Tensor, Tensor | None]:
+        """Raw output -> (image score [B], final map [B, h, w] or None); by default the score the
+        head computed directly."""
+        if out.score is None:
+            raise NotImplementedError(f"head {self.name!r} must implement `score`")
+        return out.score, out.map
+
+    def decision_threshold(self, normal_scores: Tensor, method: str, q: float) -> float:
+        """The deployed image threshold from normal validation scores (percentile or Otsu);
+        heads with their own decision rule (an Isolation Forest) override it."""
+        return fit_threshold(normal_scores, method, q)
+
+    def pixel_decisions(self, maps: Tensor, anomalous: Tensor) -> Tensor | None:
+        """Per-pixel decisions [B, H, W] from image-size maps and image decisions [B]; None if the
+        head makes none."""
+        return None
+
+    def calibrate(self, normal: HeadOutput, method: str = "percentile", q: float = 99.0) -> None:
+        """Everything fitted on the normal validation split: `fit`, the map range, the threshold."""
+        self.fit(normal)
+        scores, maps = self.score(normal)
+        if maps is not None:
+            self.map_low.fill_(float(maps.min()))
+            self.map_high.fill_(float(maps.max()))
+        self.threshold.fill_(self.decision_threshold(scores, method, q))
 
 
 class Normalizer(nn.Module):
@@ -93,7 +163,7 @@ class Normalizer(nn.Module):
                 "score normaliser is not fitted: heads are fitted on the normal validation split during "
                 "`fit`; use a checkpoint written by `python -m ad_lightning fit`"
             )
-        return ((values.to(torch.float64) - self.loc) / self.scale).to(torch.float32)
+        return ((values.to(torch.float64) - self.loc.to(values.device)) / self.scale.to(values.device)).float()
 
 
 def to_image_map(feature_map: Tensor, size: tuple[int, int], blur_sigma: float = 0.0) -> Tensor:

@@ -42,9 +42,9 @@ class LikelihoodHead(Head):
         nll = 0.5 * z_T.pow(2).flatten(1).sum(dim=1)
         return HeadOutput(terms={"nll": nll, "sp": flat.amax(1) - flat.amin(1)}, map=m)
 
-    def fit(self, normal_terms: dict[str, Tensor]) -> None:
+    def fit(self, normal: HeadOutput) -> None:
         for key, norm in self.norms.items():
-            norm.fit(normal_terms[key])
+            norm.fit(normal.terms[key])
 
-    def score(self, terms: dict[str, Tensor]) -> Tensor:
-        return self.norms["nll"](terms["nll"]) + self.norms["sp"](terms["sp"])
+    def score(self, out: HeadOutput) -> tuple[Tensor, Tensor]:
+        return self.norms["nll"](out.terms["nll"]) + self.norms["sp"](out.terms["sp"]), out.map

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ad_lightning.diffusion import linear_alpha_bar
-from ad_lightning.heads import LikelihoodHead, Normalizer, build_head, to_image_map
+from ad_lightning.heads import HeadOutput, LikelihoodHead, Normalizer, build_head, to_image_map
 
 A = linear_alpha_bar(1000)
 
@@ -29,9 +29,9 @@ def test_nfe_equals_steps(steps):
 def test_score_uses_fitted_normalisers():
     head = build_head("likelihood", steps=3)
     with pytest.raises(RuntimeError, match="not fitted"):
-        head.score({"nll": torch.ones(2), "sp": torch.ones(2)})
-    head.fit({"nll": torch.tensor([10.0, 20.0, 30.0]), "sp": torch.tensor([1.0, 2.0, 3.0])})
-    score = head.score({"nll": torch.tensor([20.0, 40.0]), "sp": torch.tensor([1.0, 5.0])})
+        head.score(HeadOutput({"nll": torch.ones(2), "sp": torch.ones(2)}, None))
+    head.fit(HeadOutput({"nll": torch.tensor([10.0, 20.0, 30.0]), "sp": torch.tensor([1.0, 2.0, 3.0])}, None))
+    score, _ = head.score(HeadOutput({"nll": torch.tensor([20.0, 40.0]), "sp": torch.tensor([1.0, 5.0])}, None))
     assert torch.allclose(score, torch.tensor([0.5 + 0.0, 1.5 + 2.0]))
 
 

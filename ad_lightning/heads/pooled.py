@@ -1,0 +1,43 @@
+"""Statistical baselines (METHODS.md section 7.4): Isolation Forest, LOF and one-class SVM on the
+backbone features averaged over positions. No denoiser (NFE 0), no map, the detector's own decision."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from ad_lightning.diffusion import EpsFn
+from ad_lightning.heads.base import Head, HeadOutput
+from ad_lightning.heads.novelty import NoveltyDetector
+
+
+def pool(z0: Tensor) -> Tensor:
+    """Global average pooling: [B, C, h, w] -> [B, C]."""
+    return z0.float().mean(dim=(2, 3))
+
+
+class PooledDetectorHead(Head):
+    """A scikit-learn novelty detector (`iforest`, `lof`, `ocsvm`) fitted on pooled normal training
+    features; image score = the detector's anomaly score, decision = the detector's own."""
+
+    needs_train_fit = True
+
+    def __init__(self, detector: str = "iforest", seed: int = 0) -> None:
+        super().__init__()
+        self.name = detector
+        self.detector = NoveltyDetector(detector, seed)
+
+    @property
+    def nfe(self) -> int:
+        return 0
+
+    def fit_train(self, batches: Iterable[Tensor], eps_fn: EpsFn, alpha_bar: Tensor) -> None:
+        self.detector.fit(torch.cat([pool(z0) for z0 in batches]))
+
+    def evaluate(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> HeadOutput:
+        return HeadOutput(terms={}, map=None, score=self.detector.anomaly_score(pool(z0)).float().to(z0.device))
+
+    def decision_threshold(self, normal_scores: Tensor, method: str, q: float) -> float:
+        return self.detector.threshold

@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage.filters import threshold_otsu
+
+from ad_lightning.diffusion import linear_alpha_bar
+from ad_lightning.heads import RadarHead, build_head
+from ad_lightning.heads.radar import image_features, kl_rows, layer_grid
+from ad_lightning.models.registry import build_denoiser
+
+A = linear_alpha_bar(1000)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = build_denoiser("tiny", 8).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)  # the zero-initialised output layers would hide everything
+    return model
+
+
+def eps_fn_of(net):
+    @torch.no_grad()
+    def eps_fn(x, t, return_attention=False):
+        return net(x, t, return_attention=return_attention)
+
+    return eps_fn
+
+
+def test_attention_capture_is_row_stochastic_with_the_documented_shape(net):
+    z0 = torch.randn(3, 8, 16, 16)
+    eps, attention = eps_fn_of(net)(z0, torch.zeros(3, dtype=torch.long), return_attention=True)
+    assert eps.shape == z0.shape and len(attention) == len(net.attention_layers) == 4  # encoder 8x8, middle 4x4, decoder 2 x 8x8
+    for a in attention:
+        n = a.shape[-1]
+        assert a.shape == (3, 4, n, n) and n in (64, 16)  # [B, heads, N, N] at 8x8 and 4x4
+        assert torch.allclose(a.sum(-1), torch.ones(3, 4, n), atol=1e-5) and float(a.min()) >= 0
+    # the same denoiser without the flag gives the same noise prediction (no second model)
+    assert torch.allclose(net(z0, torch.zeros(3, dtype=torch.long)), eps, atol=1e-5)
+
+
+def test_kl_rows_and_layer_grid_by_hand():
+    uniform = torch.full((2, 2), 0.5)
+    rows = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]])
+    kl = kl_rows(rows, uniform)
+    assert float(kl[0, 0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl[0, 1]) == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), abs=1e-5)
+    assert layer_grid(64, (16, 16)) == (8, 8) and layer_grid(8, (8, 4)) == (4, 2)
+    with pytest.raises(ValueError, match="tile"):
+        layer_grid(7, (16, 16))
+
+
+def test_image_features_are_global_l2_and_local_max():
+    m = torch.zeros(1, 5, 5)
+    m[0, 2, 2] = 9.0
+    f = image_features(m)
+    assert float(f[0, 0]) == pytest.approx(9.0) and float(f[0, 1]) == pytest.approx(1.0)  # 9 / 9 cells
+
+
+@pytest.mark.parametrize("kind", ["attention", "noise"])
+def test_fit_then_score_flags_a_corrupted_image(net, kind):
+    torch.manual_seed(1)
+    train = [torch.randn(16, 8, 16, 16) * 0.5 for _ in range(2)]
+    head = build_head("radar", map=kind, t_r=10)
+    # the noise map needs a network whose ||eps|| follows the input: an identity stands in for a trained one
+    eps_fn = eps_fn_of(net) if kind == "attention" else (lambda x, t: x)
+    head.fit_train(iter(train), eps_fn, A)
+    assert head.nfe == 1
+    head.calibrate(head.evaluate(torch.randn(12, 8, 16, 16) * 0.5, eps_fn, A))
+    test = torch.randn(2, 8, 16, 16) * 0.5
+    test[1, :, 4:10, 4:10] = 6.0  # a large foreign patch
+    score, m = head.score(head.evaluate(test, eps_fn, A))
+    assert m.shape == (2, 16, 16) and score[1] > score[0]
+    assert float(head.threshold) == pytest.approx(-float(head.forest.estimator.offset_))
+    assert bool(score[1] >= head.threshold)
+
+
+def test_pixel_decisions_are_otsu_inside_anomalous_images_only():
+    head = RadarHead()
+    torch.manual_seed(3)
+    maps = torch.rand(3, 32, 32)
+    maps[2] = 1.0  # a constant map has no Otsu split
+    decisions = head.pixel_decisions(maps, torch.tensor([False, True, True]))
+    assert not decisions[0].any() and not decisions[2].any()
+    assert torch.equal(decisions[1], maps[1] >= float(threshold_otsu(maps[1].numpy())))
+
+
+def test_radar_state_round_trips_through_a_weights_only_checkpoint(net, tmp_path):
+    head = build_head("radar")
+    eps_fn = eps_fn_of(net)
+    head.fit_train(iter([torch.randn(8, 8, 16, 16)]), eps_fn, A)
+    torch.save(head.state_dict(), tmp_path / "radar.pt")
+    fresh = build_head("radar")
+    fresh.load_state_dict(torch.load(tmp_path / "radar.pt", weights_only=True))
+    z0 = torch.randn(2, 8, 16, 16)
+    a, b = head.evaluate(z0, eps_fn, A), fresh.evaluate(z0, eps_fn, A)
+    assert torch.equal(a.map, b.map) and torch.equal(head.score(a)[0], fresh.score(b)[0])
+
+
+def test_unfitted_radar_and_bad_map_say_how_to_fix(net):
+    with pytest.raises(RuntimeError, match="not fitted"):
+        build_head("radar").evaluate(torch.randn(1, 8, 16, 16), eps_fn_of(net), A)
+    with pytest.raises(ValueError, match="map"):
+        RadarHead(map="gradcam")
