@@ -7,6 +7,7 @@ reports in `evaluation/`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -18,11 +19,11 @@ from torch.optim.swa_utils import AveragedModel
 from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
 from ad_lightning.diffusion import linear_alpha_bar, q_sample
 from ad_lightning.evaluation.report import TestRecorder
-from ad_lightning.evaluation.thresholds import fit_threshold
+from ad_lightning.evaluation.thresholds import is_anomalous
 from ad_lightning.evaluation.timing import StageTimer, batch1_latency
 from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
-from ad_lightning.heads import Scores, build_head, to_image_map
+from ad_lightning.heads import EnsembleHead, HeadOutput, Scores, build_head, to_image_map
 from ad_lightning.models.registry import build_denoiser
 
 
@@ -89,10 +90,14 @@ class FeatureDDPM(LightningModule):
         self.heads = nn.ModuleDict(
             {name: build_head(name, num_timesteps=num_timesteps, **head_args.get(name, {})) for name in parse_names(heads)}
         )
+        for position, head in enumerate(self.heads.values()):
+            if isinstance(head, EnsembleHead):
+                head.bind(dict(list(self.heads.items())[:position]))
         # float64 on the CPU on purpose: DDIM reads python floats from it, training gathers per sample.
         self.alpha_bar = linear_alpha_bar(num_timesteps, beta_start, beta_end)
         self._recorder: TestRecorder | None = None
-        self._val_terms: dict[str, list[dict[str, Tensor]]] = {}
+        self._train_features: Tensor | None = None  # raw backbone features of the train split [N, C, h, w], CPU
+        self._val_outputs: dict[str, list[HeadOutput]] = {}
 
     # ----- features and the denoiser ------------------------------------------------------
     def encode(self, image: Tensor) -> Tensor:
@@ -100,9 +105,13 @@ class FeatureDDPM(LightningModule):
         with torch.no_grad():
             return self.feature_norm(self.backbone(image).float())
 
-    def eps_fn(self, x: Tensor, t: Tensor) -> Tensor:
-        """The EMA denoiser's noise prediction, in float32 whatever the autocast precision."""
-        return self.ema.module(x, t).float()
+    def eps_fn(self, x: Tensor, t: Tensor, return_attention: bool = False):
+        """The EMA denoiser's noise prediction, in float32 whatever the autocast precision; with
+        `return_attention` also every attention layer's probabilities [B, heads, N, N] (for RADAR)."""
+        if not return_attention:
+            return self.ema.module(x, t).float()
+        eps, attention = self.ema.module(x, t, return_attention=True)
+        return eps.float(), [a.float() for a in attention]
 
     def _z0(self, batch: dict) -> Tensor:
         if "features" in batch:
@@ -130,8 +139,8 @@ class FeatureDDPM(LightningModule):
         if datamodule is None or not hasattr(datamodule, "cache_features"):
             raise RuntimeError("FeatureDDPM trains from an AnomalyDataModule (e.g. --data Demo or --data MVTecAD)")
         device = self.trainer.strategy.root_device
-        train_features = datamodule.cache_features(self.backbone.to(device), device)
-        self.feature_norm.fit(train_features)
+        self._train_features = datamodule.cache_features(self.backbone.to(device), device)
+        self.feature_norm.fit(self._train_features)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.diffusion_loss(self._z0(batch))
@@ -141,27 +150,56 @@ class FeatureDDPM(LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.ema.update_parameters(self.denoiser)
 
+    def train_z0(self, batch: int = 64) -> Iterator[Tensor]:
+        """Standardised features of the normal training split, in batches [b, C, h, w] on this device."""
+        if self._train_features is None:
+            raise RuntimeError("the training features are cached by `fit`; heads are fitted only during `fit`")
+        for start in range(0, len(self._train_features), batch):
+            yield self.feature_norm(self._train_features[start : start + batch].to(self.device).float())
+
+    def _fitting_heads(self) -> bool:
+        """Heads are (re)fitted in every validation epoch of `fit` (not in sanity checks or `validate`)."""
+        return self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+
+    def on_validation_epoch_start(self) -> None:
+        """Fit the heads' normal-training statistics (Gaussians, mean attention, detectors) on the
+        current EMA weights, before they score the validation images."""
+        if not self._fitting_heads():
+            return
+        for head in self.heads.values():
+            if head.needs_train_fit:
+                head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Held-out diffusion loss, and each head's raw terms on normal validation images."""
+        """Held-out diffusion loss, and each head's raw outputs on normal validation images."""
         z0 = self._z0(batch)
         generator = torch.Generator(z0.device).manual_seed(batch_idx)
         self.log("val/loss", self.diffusion_loss(z0, generator), batch_size=z0.shape[0], sync_dist=True)
+        if not self._fitting_heads():
+            return
         for name, head in self.heads.items():
-            self._val_terms.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).terms)
+            if not isinstance(head, EnsembleHead):
+                self._val_outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
 
     def on_validation_epoch_end(self) -> None:
-        """Fit every head's normalisers, then its decision threshold, on the normal validation
-        split (gathered over ranks)."""
-        terms, self._val_terms = self._val_terms, {}
-        if self.trainer.sanity_checking:
+        """Calibrate every head on the normal validation split (gathered over ranks): normalisers,
+        map range and decision threshold; an ensemble from its members' calibrated outputs."""
+        outputs, self._val_outputs = self._val_outputs, {}
+        if not self._fitting_heads():
             return
-        for name, chunks in terms.items():
-            merged = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
-            gathered = {key: self.all_gather(value).flatten() for key, value in merged.items()}
-            head = self.heads[name]
-            head.fit(gathered)
-            threshold = fit_threshold(head.score(gathered), self.hparams.threshold_method, self.hparams.threshold_q)
-            head.threshold.fill_(threshold)
+        normal = {name: self._gather(HeadOutput.cat(chunks)) for name, chunks in outputs.items()}
+        hp = self.hparams
+        for name, head in self.heads.items():
+            if isinstance(head, EnsembleHead):
+                normal[name] = head.combine({m: self.heads[m].score(normal[m]) for m in head.members})
+            head.calibrate(normal[name], hp.threshold_method, hp.threshold_q)
+
+    def _gather(self, out: HeadOutput) -> HeadOutput:
+        """All ranks' outputs, concatenated on the batch dimension (DDP); unchanged on one process."""
+        if self.trainer.world_size == 1:
+            return out
+        flat = lambda v: None if v is None else self.all_gather(v.to(self.device)).flatten(0, 1).cpu()  # [W, B, ...] -> [W*B, ...]
+        return HeadOutput({k: flat(v) for k, v in out.terms.items()}, flat(out.map), flat(out.score))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -189,21 +227,52 @@ class FeatureDDPM(LightningModule):
             keep_images=keep,
         )
 
-    def score_batch(self, image: Tensor, timer: StageTimer | None = None) -> dict[str, Scores]:
-        """Score images [B, 3, H, W] with every head, sharing one backbone forward; maps at H x W."""
+    def heads_for(self, names: Sequence[str] | None) -> list[str]:
+        """The configured heads that scoring `names` needs (all when None): an ensemble needs its members."""
+        if names is None:
+            return list(self.heads)
+        unknown = [n for n in names if n not in self.heads]
+        if unknown:
+            raise ValueError(f"heads {unknown} are not in this model; it has: {', '.join(self.heads)}")
+        needed = {m for n in names for m in getattr(self.heads[n], "members", [])} | set(names)
+        return [n for n in self.heads if n in needed]
+
+    def score_batch(
+        self, image: Tensor, timer: StageTimer | None = None, heads: Sequence[str] | None = None
+    ) -> dict[str, Scores]:
+        """Score images [B, 3, H, W] with every head (or those `heads` need), sharing one backbone
+        forward; maps at H x W. An ensemble combines the final outputs of the heads before it."""
         timer = timer or (lambda stage, like: nullcontext())
         with timer("backbone", image):
             z0 = self.encode(image)
-        results = {}
-        for name, head in self.heads.items():
+        finals, results = {}, {}
+        for name in self.heads_for(heads):
+            head = self.heads[name]
             with timer(name, image):
-                out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
-                maps = to_image_map(out.map, image.shape[-2:], self.hparams.blur_sigma)
-                results[name] = Scores(head.score(out.terms), out.terms, maps)
+                if isinstance(head, EnsembleHead):
+                    out = head.combine({m: finals[m] for m in head.members})
+                else:
+                    out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
+                score, feature_map = finals[name] = head.score(out)
+                maps = None if feature_map is None else to_image_map(feature_map, image.shape[-2:], self.hparams.blur_sigma)
+                results[name] = self._decided(head, Scores(score, out.terms, maps))
         return results
 
+    @staticmethod
+    def _decided(head, scores: Scores) -> Scores:
+        """`scores` with the head's per-pixel decisions (for image-size maps), if it makes any."""
+        if scores.maps is not None:
+            scores.pixel_decisions = head.pixel_decisions(scores.maps, is_anomalous(scores.score, float(head.threshold)))
+        return scores
+
     def score_tiled(
-        self, image: Tensor, tile: int, overlap: int, size: int, timer: StageTimer | None = None
+        self,
+        image: Tensor,
+        tile: int,
+        overlap: int,
+        size: int,
+        timer: StageTimer | None = None,
+        heads: Sequence[str] | None = None,
     ) -> dict[str, Scores]:
         """Score one large image [3, H, W] tile by tile: tiles resized to `size` as in training,
         tile maps stitched back to [1, H, W]; image score and terms are the max over tiles."""
@@ -212,11 +281,13 @@ class FeatureDDPM(LightningModule):
             extract_tiles(image, boxes), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
         results = {}
-        for name, scores in self.score_batch(tiles.clamp(0, 1), timer).items():
-            tile_maps = F.interpolate(scores.maps[:, None], size=(tile, tile), mode="bilinear", align_corners=False)
-            full = stitch(tile_maps[:, 0], boxes, tuple(image.shape[-2:]))  # [n, tile, tile] -> [H, W]
+        for name, scores in self.score_batch(tiles.clamp(0, 1), timer, heads).items():
             terms = {key: value.amax()[None] for key, value in scores.terms.items()}
-            results[name] = Scores(scores.score.amax()[None], terms, full[None])
+            full = None
+            if scores.maps is not None:
+                tile_maps = F.interpolate(scores.maps[:, None], size=(tile, tile), mode="bilinear", align_corners=False)
+                full = stitch(tile_maps[:, 0], boxes, tuple(image.shape[-2:]))[None]  # [n, tile, tile] -> [1, H, W]
+            results[name] = self._decided(self.heads[name], Scores(scores.score.amax()[None], terms, full))
         return results
 
     def score_images(self, image: Tensor, timer: StageTimer | None = None) -> dict[str, Scores]:
@@ -233,10 +304,12 @@ class FeatureDDPM(LightningModule):
         results = self.score_images(batch["image"], self._recorder.timer)
         size = (self.trainer.datamodule.image_size,) * 2
         batch = {**batch, "mask": at_resolution(batch["mask"], size, "nearest")}  # [B, 1, H, W]
-        for name, scores in results.items():
-            maps = at_resolution(scores.maps[:, None], size, "bilinear")[:, 0]  # [B, H, W]
-            self._recorder.add_head(name, scores.score, scores.terms, maps)
-        self._recorder.add_batch(batch)
+        for scores in results.values():
+            if scores.maps is not None:
+                scores.maps = at_resolution(scores.maps[:, None], size, "bilinear")[:, 0]  # [B, H, W]
+            if scores.pixel_decisions is not None:
+                scores.pixel_decisions = at_resolution(scores.pixel_decisions[:, None].float(), size, "nearest")[:, 0] > 0.5
+        self._recorder.add(batch, results)
 
     def on_test_epoch_end(self) -> None:
         """Re-score the first test images one at a time for the batch-1 latency, then report."""

@@ -6,6 +6,7 @@ from ad_lightning.benchmark import COLUMNS
 from ad_lightning.cli import main
 
 DATA = ["--data", "MVTecAD", "--data.image_size", "64", "--data.train_batch_size", "8", "--trainer.max_epochs", "1"]
+DATA += ["--model.heads", "likelihood"]
 
 
 def test_benchmark_writes_table_with_mean_row_and_resumes(tmp_path, make_mvtec_tree, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from ad_lightning.cli import main, resolve_checkpoint
 
 TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+TINY += ["--model.heads", "likelihood"]  # the default runs every head; tests that need them say so
 
 
 @pytest.fixture
@@ -139,3 +140,35 @@ def test_datamodules_are_chosen_by_short_name(name, args, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--data", name, "--data.root", "/data", *args, "--print_config"])
     assert f"class_path: ad_lightning.data.{name}" in capsys.readouterr().out
+
+
+ALL_HEADS = "likelihood,irf,radar,reconstruction,iforest,lof,ocsvm,ensemble"
+NFE = {"likelihood": 3, "irf": 1, "radar": 1, "reconstruction": 5, "iforest": 0, "lof": 0, "ocsvm": 0, "ensemble": 4}
+
+
+def test_one_denoiser_serves_every_head_in_one_test_pass(tree, tmp_path):
+    run("fit", tree, "--trainer.max_epochs", "2", "--model.heads", ALL_HEADS)
+    ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    # the fitted states travel in the checkpoint: Gaussians, mean attention rows, detector points
+    assert state["heads.irf.gaussian.precision"].shape == (16, 152, 152)
+    assert any(k.startswith("heads.radar.mean_rows_") for k in state)
+    assert state["heads.radar.forest.points"].shape[1] == 2 and state["heads.lof.detector.points"].shape[1] == 152
+    assert not any(k.startswith("heads.ensemble.") and "denoiser" in k for k in state)
+
+    run("test", tree, "--ckpt_path", str(ckpt))
+    metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())
+    heads = metrics["heads"]
+    for name, nfe in NFE.items():
+        assert heads[name]["nfe"] == nfe, name
+        for metric in ("image_auroc", "accuracy", "precision", "recall", "f1"):
+            assert 0.0 <= heads[name][metric] <= 1.0, (name, metric)
+    for name in ("likelihood", "irf", "radar", "reconstruction", "ensemble"):
+        assert 0.0 <= heads[name]["pixel_auroc"] <= 1.0, name
+    for name in ("iforest", "lof", "ocsvm"):
+        assert "pixel_auroc" not in heads[name]  # pooled features: no map
+    for metric in ("pixel_accuracy", "pixel_precision", "pixel_recall", "pixel_f1"):
+        assert 0.0 <= heads["radar"][metric] <= 1.0, metric
+    assert {"irf_prior", "radar_l2", "radar_local_max", "ensemble_likelihood"} <= set(heads)
+    # one backbone forward per batch is shared by every head
+    assert set(metrics["timing"]["batch1_by_stage"]) == {"backbone", *NFE}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ad_lightning.data.tiling import extract_tiles, tile_boxes
+from ad_lightning.heads import HeadOutput
 from ad_lightning.lit import FeatureDDPM, ema_with_warmup, parse_names
 
 
@@ -63,7 +64,7 @@ def test_head_names_parse():
 
 def test_a_large_image_scored_with_tiles_gives_a_full_resolution_map(model):
     model.feature_norm.fit(torch.randn(4, model.backbone.out_channels, 4, 4))
-    model.heads["likelihood"].fit({"nll": torch.tensor([0.0, 1.0]), "sp": torch.tensor([0.0, 1.0])})
+    model.heads["likelihood"].fit(HeadOutput({"nll": torch.tensor([0.0, 1.0]), "sp": torch.tensor([0.0, 1.0])}, None))
     with torch.no_grad():  # a non-trivial network, so tiles score differently
         for p in model.ema.module.parameters():
             p.add_(0.02 * torch.randn_like(p))
