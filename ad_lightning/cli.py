@@ -1,4 +1,4 @@
-"""Command line: `python -m ad_lightning fit|validate|test|predict` (LightningCLI), `benchmark` and `download`.
+"""Command line: `python -m ad_lightning fit|validate|test` (LightningCLI), and `predict`, `benchmark`, `download`.
 
 Defaults (ad_lightning/configs/default.yaml) train the `tiny` denoiser on the built-in demo set,
 so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by short name
@@ -18,7 +18,7 @@ from ad_lightning.data import AnomalyDataModule, download
 from ad_lightning.lit import FeatureDDPM
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's own `predict` is replaced by ad_lightning.predict
 
 
 def resolve_checkpoint(path: str | None) -> str | None:
@@ -51,6 +51,10 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(download.main(argv[1:]))
     if argv[:1] == ["benchmark"]:  # fit + test per category, through this same CLI
         return benchmark.main(argv[1:], cli=main)
+    if argv[:1] == ["predict"]:  # new images, no labels: a CSV of decisions and overlays, not a Trainer run
+        from ad_lightning import predict  # here, not at the top: predict imports resolve_checkpoint from this module
+
+        sys.exit(predict.main(argv[1:]))
     # The frozen backbone is in eval mode on purpose; Lightning's notice about it only confuses.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     sub_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(DEFAULT_CONFIG)]}
