@@ -225,6 +225,7 @@ class FeatureDDPM(LightningModule):
             {name: head.nfe for name, head in self.heads.items()},
             {name: float(head.threshold) for name, head in self.heads.items()},
             keep_images=keep,
+            stages={name: [*getattr(head, "members", []), name] for name, head in self.heads.items()},
         )
 
     def heads_for(self, names: Sequence[str] | None) -> list[str]:

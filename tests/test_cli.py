@@ -172,3 +172,6 @@ def test_one_denoiser_serves_every_head_in_one_test_pass(tree, tmp_path):
     assert {"irf_prior", "radar_l2", "radar_local_max", "ensemble_likelihood"} <= set(heads)
     # one backbone forward per batch is shared by every head
     assert set(metrics["timing"]["batch1_by_stage"]) == {"backbone", *NFE}
+    by_stage = {stage: s["median_ms"] for stage, s in metrics["timing"]["batch1_by_stage"].items()}
+    members = by_stage["likelihood"] + by_stage["irf"] + by_stage["ensemble"]
+    assert heads["ensemble"]["ms_per_image"] == pytest.approx(by_stage["backbone"] + members)

@@ -103,10 +103,12 @@ class TestRecorder:
         thresholds: dict[str, float] | None = None,
         keep_images: int = 0,
         pixel_mode: str = "auto",
+        stages: dict[str, list[str]] | None = None,
     ) -> None:
         if pixel_mode not in PIXEL_MODES:
             raise ValueError(f"pixel_mode must be one of {PIXEL_MODES}, got {pixel_mode!r}")
         self.nfe = nfe
+        self.stages = stages or {}  # head -> the timed stages it needs besides the backbone (default: its own)
         self.thresholds = thresholds or {}  # head -> deployed image threshold (fitted on normal validation)
         self.timer = StageTimer()  # batched test-loop time per stage
         self.keep_images = keep_images
@@ -227,7 +229,7 @@ class TestRecorder:
         self.merged = payload
         batched = {stage: 1000.0 * self.timer.total(stage) / max(len(self.rows), 1) for stage in self.timer.samples}
         per_image = {stage: s["median_ms"] for stage, s in self.latency.items()} or batched
-        metrics = build_metrics(payload, self.owner, self.nfe, per_image, has_masks, self.thresholds)
+        metrics = build_metrics(payload, self.owner, self.nfe, per_image, has_masks, self.thresholds, self.stages)
         metrics["timing"] = {
             "ms_per_image": "median at batch 1 after warm-up" if self.latency else "batched wall time / images",
             "batch1_by_stage": self.latency,
@@ -396,8 +398,10 @@ def build_metrics(
     ms_per_image: dict[str, float],
     has_masks: bool = True,
     thresholds: dict[str, float] | None = None,
+    stages: dict[str, list[str]] | None = None,
 ) -> dict:
-    """metrics.json content: mean over categories at the top, per category below.
+    """metrics.json content: mean over categories at the top, per category below. A head's
+    ms per image is the backbone's plus its `stages` (default: its own; an ensemble's members too).
 
     Without ground-truth masks (`has_masks` False) the run is image-level only and says so."""
     rows = payload["rows"]
@@ -414,7 +418,8 @@ def build_metrics(
         names = categories[next(iter(categories))]["heads"][key].keys()
         heads[key] = {m: nan_mean([c["heads"][key][m] for c in categories.values()]) for m in names}
         heads[key]["nfe"] = nfe[head]
-        heads[key]["ms_per_image"] = ms_per_image.get("backbone", 0.0) + ms_per_image.get(head, 0.0)
+        own = (stages or {}).get(head, [head])
+        heads[key]["ms_per_image"] = ms_per_image.get("backbone", 0.0) + sum(ms_per_image.get(s, 0.0) for s in own)
     return to_json_safe(
         {
             "n_test_images": len(rows),
