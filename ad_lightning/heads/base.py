@@ -166,6 +166,12 @@ class Normalizer(nn.Module):
         return ((values.to(torch.float64) - self.loc.to(values.device)) / self.scale.to(values.device)).float()
 
 
+def shared_noise(z0: Tensor, seed: int) -> Tensor:
+    """One seeded noise field [C, h, w] for every image of z0 [B, C, h, w], so an image's score does
+    not depend on its batch or position in it."""
+    return torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed)).to(z0.device)
+
+
 def to_image_map(feature_map: Tensor, size: tuple[int, int], blur_sigma: float = 0.0) -> Tensor:
     """Bilinearly upsample [B, h, w] maps to the image size, with an optional Gaussian blur.
 

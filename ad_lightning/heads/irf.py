@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ad_lightning.diffusion import EpsFn, predict_x0
-from ad_lightning.heads.base import FittedState, Head, HeadOutput
+from ad_lightning.heads.base import FittedState, Head, HeadOutput, shared_noise
 
 INPUTS = ("clean", "noise_free", "stochastic")
 REDUCTIONS = ("max", "topk")
@@ -125,9 +125,7 @@ class IRFHead(Head):
             return z0
         if self.input == "noise_free":
             return math.sqrt(a) * z0
-        generator = torch.Generator().manual_seed(self.seed)
-        e = torch.randn(z0.shape[1:], generator=generator).to(z0.device)  # one field [C, h, w] for every image
-        return math.sqrt(a) * z0 + math.sqrt(1.0 - a) * e
+        return math.sqrt(a) * z0 + math.sqrt(1.0 - a) * shared_noise(z0, self.seed)
 
     def residual(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> tuple[Tensor, Tensor]:
         """(r = z0 - x0_hat(x, t*), eps_theta(x, t*)), both [B, C, h, w]."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ad_lightning.diffusion import EpsFn, ddim_denoise, q_sample, space_timesteps
-from ad_lightning.heads.base import Head, HeadOutput
+from ad_lightning.heads.base import Head, HeadOutput, shared_noise
 
 DISTANCES = ("l2", "cosine")
 
@@ -40,9 +39,7 @@ class ReconstructionHead(Head):
         return len(self.timesteps)
 
     def reconstruct(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(z0.shape[1:], generator=generator).to(z0.device)  # [C, h, w], broadcast over the batch
-        x_t = q_sample(z0.float(), float(alpha_bar[self.t_p]), noise.expand_as(z0))
+        x_t = q_sample(z0.float(), float(alpha_bar[self.t_p]), shared_noise(z0, self.seed).expand_as(z0))
         return ddim_denoise(x_t, eps_fn, alpha_bar, self.timesteps, final_alpha=1.0)
 
     def evaluate(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> HeadOutput:
