@@ -225,7 +225,7 @@ class FeatureDDPM(LightningModule):
             {name: head.nfe for name, head in self.heads.items()},
             {name: float(head.threshold) for name, head in self.heads.items()},
             keep_images=keep,
-            stages={name: [*getattr(head, "members", []), name] for name, head in self.heads.items()},
+            stages={name: [*head.members, name] for name, head in self.heads.items()},
         )
 
     def heads_for(self, names: Sequence[str] | None) -> list[str]:
@@ -235,7 +235,7 @@ class FeatureDDPM(LightningModule):
         unknown = [n for n in names if n not in self.heads]
         if unknown:
             raise ValueError(f"heads {unknown} are not in this model; it has: {', '.join(self.heads)}")
-        needed = {m for n in names for m in getattr(self.heads[n], "members", [])} | set(names)
+        needed = {m for n in names for m in self.heads[n].members} | set(names)
         return [n for n in self.heads if n in needed]
 
     def score_batch(

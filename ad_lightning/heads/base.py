@@ -92,6 +92,11 @@ class Head(FittedState):
         """Network evaluations per image."""
         raise NotImplementedError
 
+    @property
+    def members(self) -> list[str]:
+        """Heads whose outputs this one combines (an ensemble's); none for a head that scores z0."""
+        return []
+
     def fit_train(self, batches: Iterable[Tensor], eps_fn: EpsFn, alpha_bar: Tensor) -> None:
         """Fit statistics of normal training features, z0 batches [B, C, h, w]; no-op by default."""
 
