@@ -239,10 +239,15 @@ class FeatureDDPM(LightningModule):
         return [n for n in self.heads if n in needed]
 
     def score_batch(
-        self, image: Tensor, timer: StageTimer | None = None, heads: Sequence[str] | None = None
+        self,
+        image: Tensor,
+        timer: StageTimer | None = None,
+        heads: Sequence[str] | None = None,
+        decide_pixels: bool = True,
     ) -> dict[str, Scores]:
         """Score images [B, 3, H, W] with every head (or those `heads` need), sharing one backbone
-        forward; maps at H x W. An ensemble combines the final outputs of the heads before it."""
+        forward; maps at H x W. An ensemble combines the final outputs of the heads before it.
+        `decide_pixels=False` skips per-pixel decisions (tiles: they are made on the stitched map)."""
         timer = timer or (lambda stage, like: nullcontext())
         with timer("backbone", image):
             z0 = self.encode(image)
@@ -256,7 +261,9 @@ class FeatureDDPM(LightningModule):
                     out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
                 score, feature_map = finals[name] = head.score(out)
                 maps = None if feature_map is None else to_image_map(feature_map, image.shape[-2:], self.hparams.blur_sigma)
-                results[name] = self._decided(head, Scores(score, out.terms, maps))
+                results[name] = Scores(score, out.terms, maps)
+                if decide_pixels:
+                    self._decided(head, results[name])
         return results
 
     @staticmethod
@@ -282,7 +289,7 @@ class FeatureDDPM(LightningModule):
             extract_tiles(image, boxes), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
         results = {}
-        for name, scores in self.score_batch(tiles.clamp(0, 1), timer, heads).items():
+        for name, scores in self.score_batch(tiles.clamp(0, 1), timer, heads, decide_pixels=False).items():
             terms = {key: value.amax()[None] for key, value in scores.terms.items()}
             full = None
             if scores.maps is not None:
