@@ -39,6 +39,22 @@ def kl_rows(rows: Tensor, mean_rows: Tensor) -> Tensor:
     return (p * (p.log() - q.log())).sum(-1)
 
 
+def attention_map(rows: list[Tensor], mean_rows: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """Per query position, the KL divergence of its attention row from the normal mean row, each
+    layer's [B, N] upsampled to the feature grid `size` and summed over layers -> [B, h, w]."""
+    total = torch.zeros(rows[0].shape[0], *size, device=rows[0].device)
+    for a, mean in zip(rows, mean_rows):
+        divergence = kl_rows(a, mean).view(-1, 1, *layer_grid(a.shape[-1], size))  # [B, N] -> [B, 1, h', w']
+        total += F.interpolate(divergence, size=size, mode="bilinear", align_corners=False)[:, 0]
+    return total
+
+
+def noise_map(eps: Tensor) -> Tensor:
+    """Sobel edge magnitude of ||eps_theta|| per position: [B, C, h, w] -> [B, h, w]."""
+    norm = torch.linalg.vector_norm(eps.float(), dim=1).cpu().numpy()  # [B, C, h, w] -> [B, h, w]
+    return torch.from_numpy(np.stack([sobel(m) for m in norm])).float().to(eps.device)
+
+
 def image_features(m: Tensor) -> Tensor:
     """The 2-D image features of a map [B, h, w]: (global L2, local max = max of the 3x3 mean) -> [B, 2]."""
     local = F.avg_pool2d(m[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]  # [B, h, w]
@@ -99,30 +115,23 @@ class RadarHead(Head):
     def raw_map(self, z0: Tensor, eps_fn: EpsFn) -> Tensor:
         """The anomaly map [B, h, w] on the feature grid."""
         eps, rows = self._forward(z0, eps_fn)
-        size = tuple(z0.shape[-2:])
         if self.map_kind == "noise":
-            norm = torch.linalg.vector_norm(eps.float(), dim=1).cpu().numpy()  # [B, C, h, w] -> [B, h, w]
-            return torch.from_numpy(np.stack([sobel(m) for m in norm])).float().to(z0.device)
-        total = torch.zeros(z0.shape[0], *size, device=z0.device)
-        for a, mean in zip(rows, self._mean_rows()):
-            grid = layer_grid(a.shape[-1], size)
-            divergence = kl_rows(a, mean).view(-1, 1, *grid)  # [B, N] -> [B, 1, h', w']
-            total += F.interpolate(divergence, size=size, mode="bilinear", align_corners=False)[:, 0]
-        return total
+            return noise_map(eps)
+        return attention_map(rows, self._mean_rows(), tuple(z0.shape[-2:]))
 
     def fit_train(self, batches: Iterable[Tensor], eps_fn: EpsFn, alpha_bar: Tensor) -> None:
-        """Mean attention rows of the normal training images, then the Isolation Forest on their maps."""
-        batches = list(batches)
-        if self.map_kind == "attention":
-            sums, n = None, 0
-            for z0 in batches:
-                rows = self._forward(z0, eps_fn)[1]
-                sums = [r.sum(0).cpu() for r in rows] if sums is None else [s + r.sum(0).cpu() for s, r in zip(sums, rows)]
-                n += z0.shape[0]
-            for l, s in enumerate(sums):
-                self.register_buffer(f"mean_rows_{l}", s / n)
-        features = torch.cat([image_features(self.raw_map(z0, eps_fn)).cpu() for z0 in batches])
-        self.forest.fit(features)
+        """Mean attention rows of the normal training images, then the Isolation Forest on their maps.
+
+        One forward pass: attention rows are kept (on the CPU) until their mean is known."""
+        if self.map_kind == "noise":
+            maps = [noise_map(self._forward(z0, eps_fn)[0]).cpu() for z0 in batches]
+        else:
+            kept = [(tuple(z0.shape[-2:]), [r.cpu() for r in self._forward(z0, eps_fn)[1]]) for z0 in batches]
+            n = sum(rows[0].shape[0] for _, rows in kept)
+            for l in range(len(kept[0][1])):
+                self.register_buffer(f"mean_rows_{l}", sum(rows[l].sum(0) for _, rows in kept) / n)
+            maps = [attention_map(rows, self._mean_rows(), size) for size, rows in kept]
+        self.forest.fit(torch.cat([image_features(m) for m in maps]))
 
     def evaluate(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> HeadOutput:
         m = self.raw_map(z0, eps_fn)
