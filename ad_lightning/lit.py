@@ -98,6 +98,8 @@ class FeatureDDPM(LightningModule):
         self._recorder: TestRecorder | None = None
         self._train_features: Tensor | None = None  # raw backbone features of the train split [N, C, h, w], CPU
         self._val_outputs: dict[str, list[HeadOutput]] = {}
+        self.test_metrics: dict | None = None  # the last `test`'s metrics.json content (global rank 0)
+        self.test_scores: dict | None = None  # and its merged per-image results (`TestRecorder.payload`)
 
     # ----- features and the denoiser ------------------------------------------------------
     def encode(self, image: Tensor) -> Tensor:
@@ -164,30 +166,52 @@ class FeatureDDPM(LightningModule):
     def on_validation_epoch_start(self) -> None:
         """Fit the heads' normal-training statistics (Gaussians, mean attention, detectors) on the
         current EMA weights, before they score the validation images."""
-        if not self._fitting_heads():
-            return
-        for head in self.heads.values():
-            if head.needs_train_fit:
-                head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
+        if self._fitting_heads():
+            self._fit_train_heads()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out diffusion loss, and each head's raw outputs on normal validation images."""
         z0 = self._z0(batch)
         generator = torch.Generator(z0.device).manual_seed(batch_idx)
         self.log("val/loss", self.diffusion_loss(z0, generator), batch_size=z0.shape[0], sync_dist=True)
-        if not self._fitting_heads():
-            return
+        if self._fitting_heads():
+            self._evaluate_normal(z0)
+
+    def on_validation_epoch_end(self) -> None:
+        """Calibrate every head on the normal validation split (gathered over ranks)."""
+        if self._fitting_heads():
+            self._calibrate_heads(gather=True)
+
+    def fit_heads(self, datamodule) -> None:
+        """Fit every head from this (trained) model outside `fit`, exactly as a validation epoch
+        does: normal training statistics, then calibration on the normal validation split.
+
+        `ablate` uses it to score one checkpoint under other head settings without retraining;
+        the feature standardiser keeps the statistics the denoiser was trained with."""
+        self._train_features = datamodule.cache_features(self.backbone.to(self.device), self.device)
+        self._fit_train_heads()
+        for batch in datamodule.val_dataloader():
+            self._evaluate_normal(self._z0({k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}))
+        self._calibrate_heads(gather=False)
+
+    def _fit_train_heads(self) -> None:
+        for head in self.heads.values():
+            if head.needs_train_fit:
+                head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
+
+    def _evaluate_normal(self, z0: Tensor) -> None:
+        """Keep each (non-ensemble) head's raw outputs on normal validation features z0."""
         for name, head in self.heads.items():
             if not isinstance(head, EnsembleHead):
                 self._val_outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
 
-    def on_validation_epoch_end(self) -> None:
-        """Calibrate every head on the normal validation split (gathered over ranks): normalisers,
-        map range and decision threshold; an ensemble from its members' calibrated outputs."""
+    def _calibrate_heads(self, gather: bool) -> None:
+        """Normalisers, map range and decision threshold of every head from the kept normal
+        outputs; an ensemble from its members' calibrated outputs."""
         outputs, self._val_outputs = self._val_outputs, {}
-        if not self._fitting_heads():
-            return
-        normal = {name: self._gather(HeadOutput.cat(chunks)) for name, chunks in outputs.items()}
+        normal = {name: HeadOutput.cat(chunks) for name, chunks in outputs.items()}
+        if gather:
+            normal = {name: self._gather(out) for name, out in normal.items()}
         hp = self.hparams
         for name, head in self.heads.items():
             if isinstance(head, EnsembleHead):
@@ -305,10 +329,11 @@ class FeatureDDPM(LightningModule):
             return self.score_batch(image, timer)
         return self.score_tiled(image[0], *tiling, size=self.trainer.datamodule.image_size, timer=timer)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Scores]:
         """Score a batch with every head; large images tile by tile when the data asks for it.
 
-        Maps and masks are recorded at the evaluation resolution (the data's image_size)."""
+        Maps and masks are recorded at the evaluation resolution (the data's image_size); the
+        results are returned too, so callbacks (heatmaps) see them in `on_test_batch_end`."""
         results = self.score_images(batch["image"], self._recorder.timer)
         size = (self.trainer.datamodule.image_size,) * 2
         batch = {**batch, "mask": at_resolution(batch["mask"], size, "nearest")}  # [B, 1, H, W]
@@ -318,13 +343,15 @@ class FeatureDDPM(LightningModule):
             if scores.pixel_decisions is not None:
                 scores.pixel_decisions = at_resolution(scores.pixel_decisions[:, None].float(), size, "nearest")[:, 0] > 0.5
         self._recorder.add(batch, results)
+        return results
 
     def on_test_epoch_end(self) -> None:
         """Re-score the first test images one at a time for the batch-1 latency, then report."""
         recorder, self._recorder = self._recorder, None
         if len(recorder.kept) > LATENCY_WARMUP:
             recorder.latency = batch1_latency(self.score_images, recorder.kept, warmup=LATENCY_WARMUP)
-        recorder.finish(self.trainer)
+        self.test_metrics = recorder.finish(self.trainer)
+        self.test_scores = recorder.merged  # every rank's per-image scores (rank 0), for plots
 
 
 def ema_with_warmup(decay: float):
