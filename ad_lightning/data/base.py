@@ -6,7 +6,7 @@ train / normal-validation / test datasets and dataloaders, the same way for ever
 
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +14,17 @@ import lightning
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
-from ad_lightning.features.cache import FeatureDataset, extract_features
+from ad_lightning.features.backbone import Backbone
+from ad_lightning.features.cache import (
+    DiskCache,
+    FeatureDataset,
+    Mirrored,
+    backbone_key,
+    default_cache_dir,
+    extract_features,
+)
 from ad_lightning.data.images import (
     IMAGE_EXTENSIONS,
     BadFileError,
@@ -29,6 +37,7 @@ from ad_lightning.data.images import (
 
 NORMAL_DEFECT = "good"
 BAD_FILE_POLICIES = ("error", "skip")
+FEATURE_CACHES = ("memory", "disk", "off")
 log = logging.getLogger(__name__)
 
 
@@ -162,8 +171,20 @@ class AnomalyDataModule(lightning.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         on_bad_file: str = "error",
+        feature_cache: str = "memory",
+        cache_dir: str | None = None,
+        hflip: bool = False,
     ) -> None:
         super().__init__()
+        if feature_cache not in FEATURE_CACHES:
+            raise BadInputError(
+                f"feature_cache={feature_cache!r} is not one of {FEATURE_CACHES}; set --data.feature_cache"
+            )
+        if cache_dir is not None and feature_cache != "disk":
+            raise BadInputError(
+                f"cache_dir={cache_dir!r} is only used by the disk feature cache; add --data.feature_cache disk "
+                "or drop --data.cache_dir"
+            )
         if on_bad_file not in BAD_FILE_POLICIES:
             raise BadInputError(
                 f"on_bad_file={on_bad_file!r} is not one of {BAD_FILE_POLICIES}; set --data.on_bad_file"
@@ -184,11 +205,14 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.on_bad_file = on_bad_file
+        self.feature_cache = feature_cache
+        self.cache_dir = cache_dir
+        self.hflip = hflip
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of files left out under on_bad_file="skip"
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
-        self.feature_sets: dict[str, FeatureDataset] = {}  # split -> cached backbone features
+        self.feature_sets: dict[str, Dataset] = {}  # split -> what its loader serves instead of plain images
 
     @property
     def n_skipped(self) -> int:
@@ -279,20 +303,38 @@ class AnomalyDataModule(lightning.LightningDataModule):
         """(tile size, overlap) when test images are scored tile by tile at native size, else None."""
         return None
 
-    def cache_features(self, encode: Callable[[Tensor], Tensor], device: torch.device | str = "cpu") -> Tensor:
-        """Run the frozen backbone `encode` over the train and validation images once.
+    def cache_features(self, backbone: Backbone, device: torch.device | str = "cpu") -> Tensor:
+        """Run the frozen `backbone` over the train and validation images once (`feature_cache`
+        "memory"), or only over the items the disk cache lacks ("disk").
 
         From then on the train and validation loaders serve `{"features": [C, h, w]}` items instead
-        of images, so training never pays for the backbone again. Returns the training features
-        [N, C, h, w] (for the feature statistics).
+        of images, so training never pays for the backbone again. With "off" they keep serving
+        images (the backbone runs every step, for speed comparisons) and only the training features
+        are computed, for the statistics. With `hflip` the training set is the N items followed by
+        their N mirrored copies, features computed on flipped images: a fixed set, so the order of
+        every epoch is the sampler's (seed, epoch) draw alone and a resumed run replays it. Returns
+        the training features of the unmirrored images [N, C, h, w] (feature statistics, head fits).
         """
         self.setup("fit")
-        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
-            features = extract_features(
-                encode, dataset, self.eval_batch_size, device, self.num_workers, desc=f"{split} features"
-            )
-            self.feature_sets[split] = FeatureDataset(features)
-        return self.feature_sets["train"].features
+        store = None
+        if self.feature_cache == "disk":
+            store = DiskCache(self.cache_dir or default_cache_dir(), backbone_key(backbone, self.image_size))
+        extract = extract_features if store is None else store.extract
+
+        def features(dataset: Dataset, desc: str) -> Tensor:
+            return extract(backbone, dataset, self.eval_batch_size, device, self.num_workers, desc=desc)
+
+        train = features(self.train_dataset, "train features")
+        if self.feature_cache == "off":
+            mirrored = Mirrored(self.train_dataset)
+            self.feature_sets = {"train": ConcatDataset([self.train_dataset, mirrored])} if self.hflip else {}
+            return train
+        train_set = FeatureDataset(train)
+        if self.hflip:
+            mirrored = FeatureDataset(features(Mirrored(self.train_dataset), "mirrored train features"))
+            train_set = ConcatDataset([train_set, mirrored])
+        self.feature_sets = {"train": train_set, "val": FeatureDataset(features(self.val_dataset, "val features"))}
+        return train
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -300,12 +342,22 @@ class AnomalyDataModule(lightning.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=self._epoch_sampler(dataset) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _epoch_sampler(self, dataset: Dataset) -> DistributedSampler:
+        """Training order: a permutation drawn from (seed, epoch) alone, sharded over the ranks.
+
+        The trainer sets the epoch, so a run resumed from a checkpoint replays the order of the
+        uninterrupted run (a plain shuffle draws from the global RNG, which no checkpoint holds).
+        """
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.feature_sets.get("train", self.train_dataset), self.train_batch_size, shuffle=True)

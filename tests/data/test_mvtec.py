@@ -60,7 +60,12 @@ def test_batches_have_contract_shapes_and_dtypes(bottle, loader):
 
 def test_loaders_shuffle_only_train(bottle):
     module = make_module(bottle)
-    assert isinstance(module.train_dataloader().sampler, torch.utils.data.RandomSampler)
+    sampler = module.train_dataloader().sampler  # a seeded permutation per epoch (resumable), not the global RNG
+    assert isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.shuffle and sampler.num_replicas == 1
+    first = list(sampler)
+    assert sorted(first) == list(range(len(module.train_dataset))) and list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first and list(make_module(bottle).train_dataloader().sampler) == first
     for loader in (module.val_dataloader(), module.test_dataloader(), module.predict_dataloader()):
         assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
     assert module.train_dataloader().batch_size == 4 and module.test_dataloader().batch_size == 3
