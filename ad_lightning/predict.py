@@ -8,6 +8,8 @@ Writes `<out>/predictions.csv` (`path, score, decision, error, overlay`, one row
 order) and, for heads with an anomaly map, `<out>/overlays/*.png`: the image beside the image
 blended with its map, on one colour range for all images. An unreadable image gets a row with the
 reason and no score; the others are still scored and the exit status is 1 at the end.
+`--ckpt_path` may also be a `.onnx` file written by `python -m ad_lightning export`: onnxruntime
+scores with it, at the head and image size it was exported for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import Tensor
 
+from ad_lightning.callbacks.visualize import OVERLAY_ALPHA, overlay, stored_map_range
+from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import resolve_checkpoint
 from ad_lightning.data.images import IMAGE_EXTENSIONS, BadFileError, BadInputError, read_image
 from ad_lightning.evaluation.thresholds import is_anomalous
@@ -36,7 +40,6 @@ from ad_lightning.lit import FeatureDDPM
 
 DEFAULT_IMAGE_SIZE = 256  # when neither --image_size nor the checkpoint gives one
 COLUMNS = ("path", "score", "decision", "error", "overlay")
-OVERLAY_ALPHA = 0.5  # weight of the colour map over the image
 
 
 @dataclass
@@ -88,13 +91,8 @@ def load_model(ckpt_path: str, device: torch.device) -> tuple[FeatureDDPM, dict]
     pretrained weights (no hub probe, works offline)."""
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass a .ckpt file or a directory of runs")
-    peek = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # hparams only, no copy
-    with warnings.catch_warnings():  # "pretrained=False, using random weights": the checkpoint's replace them
-        warnings.filterwarnings("ignore", message=r"Backbone .*pretrained=False")
-        model = FeatureDDPM.load_from_checkpoint(
-            ckpt_path, map_location=device, weights_only=True, pretrained=False, backbone_weights=None
-        )
-    return model.eval(), dict(peek.get("datamodule_hyper_parameters") or {})
+    peek = load_checkpoint(ckpt_path, mmap=True)  # hparams only, no copy
+    return FeatureDDPM.from_checkpoint(ckpt_path, device).eval(), dict(peek.get("datamodule_hyper_parameters") or {})
 
 
 def fitted_head(model: FeatureDDPM, name: str, ckpt_path: str) -> Head:
@@ -110,10 +108,43 @@ def fitted_head(model: FeatureDDPM, name: str, ckpt_path: str) -> Head:
     return head
 
 
-def stored_map_range(head: Head) -> tuple[float, float] | None:
-    """The head's map range on the normal validation split (`map_low`, `map_high`), when it is finite."""
-    low, high = float(head.map_low), float(head.map_high)
-    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+@dataclass
+class Scorer:
+    """What `predict` scores with: one head of a checkpoint, or an exported graph."""
+
+    score: Callable[[Tensor], Scores]  # images [B, 3, H, W] -> the head's Scores
+    threshold: float  # the head's deployed decision threshold
+    map_range: tuple[float, float] | None  # its maps' normal-validation range, when stored
+    size: int  # the image size it scores at
+    tiled: bool = False  # trained on tiles: tiles are cut from the native image, one image a batch
+
+
+def checkpoint_scorer(ckpt_path: str, head: str, image_size: int | None, device: torch.device) -> Scorer:
+    """One head of a trained checkpoint, on the fast inference path (`prepare_inference`)."""
+    model, data_hparams = load_model(ckpt_path, device)
+    fitted = fitted_head(model, head, ckpt_path)
+    model.prepare_inference()
+    size = image_size or data_hparams.get("image_size") or DEFAULT_IMAGE_SIZE
+    scorer = make_scorer(model, head, data_hparams, size)
+    tiled = data_hparams.get("tile_size") is not None
+    return Scorer(scorer, float(fitted.threshold), stored_map_range(fitted), size, tiled)
+
+
+def exported_scorer(path: str, head: str, image_size: int | None, device: torch.device) -> Scorer:
+    """A graph written by `export`, run by onnxruntime; its head and image size are fixed."""
+    from ad_lightning.export import OnnxScorer  # here, not at the top: export imports this module's loaders
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"exported model {path} does not exist; write one with `python -m ad_lightning export`")
+    graph = OnnxScorer(path, device)
+    if head != graph.head:
+        raise BadInputError(f"{path} scores head {graph.head!r}, not {head!r}; pass --head {graph.head} or export {head!r}")
+    if image_size not in (None, graph.image_size):
+        raise BadInputError(
+            f"{path} was exported for {graph.image_size} x {graph.image_size} images, not {image_size}; drop "
+            f"--image_size or export again with --image_size {image_size}"
+        )
+    return Scorer(graph, graph.threshold, graph.map_range, graph.image_size)
 
 
 def make_scorer(model: FeatureDDPM, head: str, data_hparams: dict, size: int) -> Callable[[Tensor], Scores]:
@@ -172,11 +203,9 @@ def overlay_names(paths: list[Path]) -> list[str]:
 
 def render_overlay(image: Tensor, amap: Tensor, low: float, high: float, cmap: str) -> Image.Image:
     """The image [3, H, W] beside itself blended with `amap` [H, W] coloured on the fixed range [low, high]."""
-    rgb = image.permute(1, 2, 0).numpy() * 255.0  # [3, H, W] -> [H, W, 3]
-    level = np.clip((amap.numpy() - low) / max(high - low, 1e-12), 0.0, 1.0)
-    heat = colormaps[cmap](level)[..., :3] * 255.0  # [H, W] -> [H, W, 4] -> [H, W, 3]
-    blend = (1.0 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat
-    side_by_side = np.concatenate([rgb, blend], axis=1)  # [H, W, 3] x 2 -> [H, 2W, 3]
+    rgb = image.permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
+    blend = overlay(image, amap, low, high, cmap, OVERLAY_ALPHA)
+    side_by_side = np.concatenate([rgb, blend], axis=1) * 255.0  # [H, W, 3] x 2 -> [H, 2W, 3]
     return Image.fromarray(side_by_side.round().clip(0, 255).astype(np.uint8))
 
 
@@ -209,7 +238,8 @@ class OverlayWriter:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ad_lightning predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--ckpt_path", required=True, help="a .ckpt file, or a directory (its newest *.ckpt)")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="a .ckpt file, a directory (its newest *.ckpt), or a .onnx file written by `export`")  # fmt: skip
     parser.add_argument("--data.path", dest="data_path", required=True, help="image directory or quoted glob")
     parser.add_argument("--head", required=True, help="the head whose score, threshold and map are used")
     parser.add_argument("--out", type=Path, default=Path("runs/predict"), help="output directory")
@@ -251,20 +281,21 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     paths = find_images(args.data_path)
     device = resolve_device(args.device)
-    ckpt_path = resolve_checkpoint(args.ckpt_path)
-    model, data_hparams = load_model(ckpt_path, device)
-    head = fitted_head(model, args.head, ckpt_path)
-    size = args.image_size or data_hparams.get("image_size") or DEFAULT_IMAGE_SIZE
-    tiled = data_hparams.get("tile_size") is not None  # tiles are cut from the native image, one image a batch
-    print(f"predict: {len(paths)} image(s), head {args.head}, image size {size}{' (tiles)' * tiled}, device {device}")
+    exported = Path(args.ckpt_path).suffix.lower() == ".onnx"
+    if exported:
+        scorer = exported_scorer(args.ckpt_path, args.head, args.image_size, device)
+    else:
+        scorer = checkpoint_scorer(resolve_checkpoint(args.ckpt_path), args.head, args.image_size, device)
+    size, tiled = scorer.size, scorer.tiled
+    engine = " (exported graph, onnxruntime)" * exported
+    print(f"predict: {len(paths)} image(s), head {args.head}{engine}, image size {size}{' (tiles)' * tiled}, device {device}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path, stored_range = args.out / "predictions.csv", stored_map_range(head)
+    csv_path, stored_range = args.out / "predictions.csv", scorer.map_range
     overlays = OverlayWriter(args.out / "overlays", stored_range, args.cmap)
-    scorer = make_scorer(model, args.head, data_hparams, size)
     with torch.inference_mode():
         predictions = predict(
-            paths, scorer, float(head.threshold), None if tiled else size, 1 if tiled else args.batch_size, device
+            paths, scorer.score, scorer.threshold, None if tiled else size, 1 if tiled else args.batch_size, device
         )
         n_failed, n_overlays = write_predictions(predictions, overlay_names(paths), csv_path, overlays)
     value_range = overlays.close()

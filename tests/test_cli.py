@@ -79,7 +79,8 @@ def test_print_config_shows_defaults(capsys):
 def test_checkpoint_directory_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         resolve_checkpoint(str(tmp_path))
-    assert resolve_checkpoint("some/file.ckpt") == "some/file.ckpt"
+    with pytest.raises(FileNotFoundError, match="some/file.ckpt does not exist"):
+        resolve_checkpoint("some/file.ckpt")
 
 
 @pytest.mark.parametrize("config", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)

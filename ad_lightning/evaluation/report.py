@@ -250,12 +250,13 @@ class TestRecorder:
         """`compute` over every rank, then on rank 0 add the data's skipped files and `write`."""
         datamodule = getattr(trainer, "datamodule", None)
         has_masks = getattr(datamodule, "has_masks", True)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP: every rank asks
         metrics = self.compute(has_masks, trainer.strategy.root_device)
         if metrics is None:
             return None
         skipped = list(getattr(datamodule, "skipped", []))
         metrics.update(n_skipped=len(skipped), skipped=[{"path": p, "reason": r} for p, r in skipped])
-        self.write(Path(trainer.log_dir or trainer.default_root_dir), metrics)
+        self.write(out_dir, metrics)
         if not has_masks:
             print("no ground-truth masks in this data: image-level metrics only")
         if skipped:
@@ -463,7 +464,7 @@ def write_scores_csv(path: Path, payload: dict) -> None:
         writer = csv.writer(f)
         writer.writerow(["path", "label", *columns])
         for i, row in enumerate(payload["rows"]):
-            writer.writerow([row["path"], row["label"], *(f"{float(payload['scores'][c][i]):.6g}" for c in columns)])
+            writer.writerow([row["path"], row["label"], *(f"{float(payload['scores'][c][i]):.9g}" for c in columns)])
 
 
 def format_table(metrics: dict) -> str:
