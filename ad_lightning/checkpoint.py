@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -35,22 +36,28 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         ) from None
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)` through a temporary file in the same directory and `os.replace`,
-    so `path` is always either the previous complete file or the new one."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into a temporary file beside `path`, flushed to disk, then `os.replace`d onto
+    it: `path` is always either its previous complete content or the new one. Temporary files of a
+    writer killed earlier are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a process killed mid-save
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
         stale.unlink(missing_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with partial.open("wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)`, atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -12,12 +12,10 @@ file invalidates exactly its own entries. Entries are written atomically (tempor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
+
+from ad_lightning.checkpoint import atomic_write
 
 if TYPE_CHECKING:
     from ad_lightning.data.tiling import Box
@@ -160,20 +160,6 @@ def digest_of(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(file)` into a temporary file next to `path`, then rename it onto `path`: a kill mid-write
-    leaves at most a stray temporary file, never a half-written `path`."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 class DiskCache:
     """Per-item backbone features on disk, under `root/<backbone>-<digest of backbone_key>/`."""
 
@@ -183,7 +169,7 @@ class DiskCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not (self.dir / KEY_FILE).is_file():
-                write_atomic(self.dir / KEY_FILE, lambda f: f.write(json.dumps(key, indent=2).encode()))
+                atomic_write(self.dir / KEY_FILE, lambda f: f.write(json.dumps(key, indent=2).encode()))
         except OSError as err:
             fix = "set --data.cache_dir to a writable directory"
             raise OSError(f"cannot write the feature cache in {self.dir} ({err}); {fix}") from err
@@ -212,7 +198,7 @@ class DiskCache:
         # clone: a row of the batch tensor would otherwise save the whole batch's storage
         entry = {"source": source.as_list(), "stamp": list(stamp), "features": features.clone()}
         try:
-            write_atomic(self.entry_path(source), lambda f: torch.save(entry, f))
+            atomic_write(self.entry_path(source), lambda f: torch.save(entry, f))
         except OSError as err:
             log.warning("cannot write the feature cache entry of %s (%s); it is recomputed next time", source.path, err)
 
