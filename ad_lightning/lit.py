@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -127,20 +128,22 @@ class FeatureDDPM(LightningModule):
         """Images in [0, 1] [B, 3, H, W] -> standardised features z0 [B, C, h, w].
 
         On the CPU the backbone sees about two 256 x 256 images at a time: its wide early activations
-        then stay in cache, which makes a batch of 32 2.6x faster per image than one big forward. An
+        then stay in cache, which makes a batch of 32 2.7x faster per image than one big forward. An
         export traces one call for the whole (dynamic) batch."""
         whole = image.device.type != "cpu" or torch.jit.is_tracing()
         parts = [image] if whole else image.split(max(1, CPU_BACKBONE_PIXELS // (image.shape[-2] * image.shape[-1])))
         with torch.no_grad():
-            features = torch.cat([self.backbone(part) for part in parts])  # n x [chunk, C, h, w] -> [B, C, h, w]
+            with self.network_autocast(image):
+                features = torch.cat([self.backbone(part) for part in parts])  # n x [chunk, C, h, w] -> [B, C, h, w]
             return self.feature_norm(features.float())
 
     def eps_fn(self, x: Tensor, t: Tensor, return_attention: bool = False):
-        """The EMA denoiser's noise prediction, in float32 whatever the autocast precision; with
+        """The EMA denoiser's noise prediction (under `network_autocast`), returned in float32; with
         `return_attention` also every attention layer's probabilities [B, heads, N, N] (for RADAR)."""
-        if not return_attention:
-            return self.ema.module(x, t).float()
-        eps, attention = self.ema.module(x, t, return_attention=True)
+        with self.network_autocast(x):
+            if not return_attention:
+                return self.ema.module(x, t).float()
+            eps, attention = self.ema.module(x, t, return_attention=True)
         return eps.float(), [a.float() for a in attention]
 
     def _z0(self, batch: dict) -> Tensor:
@@ -182,8 +185,13 @@ class FeatureDDPM(LightningModule):
         if isinstance(getattr(network, "blocks", None), nn.Sequential) and all(n.startswith("blocks.") for n in names):
             network.blocks = network.blocks[: max(int(n.split(".")[1]) for n in names) + 1]
 
-    def inference_autocast(self, like: Tensor):
-        """bf16 autocast for CUDA tensors `like` when prepared with `bf16=True`; a no-op otherwise."""
+    def network_autocast(self, like: Tensor):
+        """The autocast the networks (backbone, denoiser) run under: the Trainer's mixed precision
+        (`bf16-mixed`, `16-mixed`), or bf16 on CUDA after `prepare_inference(bf16=True)`; none otherwise.
+        The heads' maths runs outside it, in float32 (`float32_maths`), the schedule in float64."""
+        plugin = getattr(self._trainer, "precision_plugin", None)  # None outside a Trainer (predict, ablate)
+        if isinstance(plugin, MixedPrecision):
+            return plugin.autocast_context_manager()
         if self.inference_bf16 and like.is_cuda:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
@@ -284,15 +292,18 @@ class FeatureDDPM(LightningModule):
         self._calibrate_heads(gather=False)
 
     def _fit_train_heads(self) -> None:
-        for head in self.heads.values():
-            if head.needs_train_fit:
-                head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
+        with float32_maths(self.device):
+            for head in self.heads.values():
+                if head.needs_train_fit:
+                    head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
 
     def _evaluate_normal(self, z0: Tensor) -> None:
         """Keep each (non-ensemble) head's raw outputs on normal validation features z0."""
-        for name, head in self.heads.items():
-            if not isinstance(head, EnsembleHead):
-                self._val_outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
+        with float32_maths(z0.device):
+            for name, head in self.heads.items():
+                if not isinstance(head, EnsembleHead):
+                    out = head.evaluate(z0.float(), self.eps_fn, self.alpha_bar)
+                    self._val_outputs.setdefault(name, []).append(out.to("cpu"))
 
     def _calibrate_heads(self, gather: bool) -> None:
         """Normalisers, map range and decision threshold of every head from the kept normal
@@ -332,6 +343,10 @@ class FeatureDDPM(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- test ----------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        """`test` scores on the fast path (`prepare_inference`: channels-last, unused backbone blocks dropped)."""
+        self.prepare_inference()
+
     def on_test_epoch_start(self) -> None:
         keep = self.hparams.latency_images + LATENCY_WARMUP if self.hparams.latency_images else 0
         self._recorder = TestRecorder(
@@ -361,10 +376,10 @@ class FeatureDDPM(LightningModule):
         """Score images [B, 3, H, W] with every head (or those `heads` need), sharing one backbone
         forward; maps at H x W. An ensemble combines the final outputs of the heads before it.
         `decide_pixels=False` skips per-pixel decisions (tiles: they are made on the stitched map).
-        Runs under `torch.inference_mode` (no autograd bookkeeping), with bf16 autocast on CUDA
-        when `prepare_inference` asked for it."""
+        Runs under `torch.inference_mode` (no autograd bookkeeping); the networks under
+        `network_autocast`, the heads in float32."""
         timer = timer or (lambda stage, like: nullcontext())
-        with torch.inference_mode(), self.inference_autocast(image):
+        with torch.inference_mode(), float32_maths(image.device):
             with timer("backbone", image):
                 z0 = self.encode(image)
             finals, results = {}, {}
@@ -376,7 +391,8 @@ class FeatureDDPM(LightningModule):
                     else:
                         out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
                     score, feature_map = finals[name] = head.score(out)
-                    maps = None if feature_map is None else to_image_map(feature_map, image.shape[-2:], self.hparams.blur_sigma)
+                    size, blur = image.shape[-2:], self.hparams.blur_sigma
+                    maps = None if feature_map is None else to_image_map(feature_map, size, blur)
                     results[name] = Scores(score, out.terms, maps)
                     if decide_pixels:
                         self._decided(head, results[name])
@@ -465,6 +481,12 @@ def ema_with_warmup(decay: float):
             avg.lerp_(cur, weight)
 
     return update
+
+
+def float32_maths(device: torch.device):
+    """No autocast inside: the heads' statistics (Gaussians, inversion arithmetic, normalisers) stay
+    float32 under mixed precision; their network calls re-enter it through `network_autocast`."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def at_resolution(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:

@@ -19,7 +19,6 @@ import csv
 import glob
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +137,9 @@ def exported_scorer(path: str, head: str, image_size: int | None, device: torch.
         raise FileNotFoundError(f"exported model {path} does not exist; write one with `python -m ad_lightning export`")
     graph = OnnxScorer(path, device)
     if head != graph.head:
-        raise BadInputError(f"{path} scores head {graph.head!r}, not {head!r}; pass --head {graph.head} or export {head!r}")
+        raise BadInputError(
+            f"{path} scores head {graph.head!r}, not {head!r}; pass --head {graph.head} or export {head!r}"
+        )
     if image_size not in (None, graph.image_size):
         raise BadInputError(
             f"{path} was exported for {graph.image_size} x {graph.image_size} images, not {image_size}; drop "
@@ -239,7 +240,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ad_lightning predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--ckpt_path", required=True,
-                        help="a .ckpt file, a directory (its newest *.ckpt), or a .onnx file written by `export`")  # fmt: skip
+                        help="a .ckpt file, a directory (its newest *.ckpt), or an exported .onnx file")  # fmt: skip
     parser.add_argument("--data.path", dest="data_path", required=True, help="image directory or quoted glob")
     parser.add_argument("--head", required=True, help="the head whose score, threshold and map are used")
     parser.add_argument("--out", type=Path, default=Path("runs/predict"), help="output directory")
@@ -287,8 +288,8 @@ def main(argv: list[str]) -> int:
     else:
         scorer = checkpoint_scorer(resolve_checkpoint(args.ckpt_path), args.head, args.image_size, device)
     size, tiled = scorer.size, scorer.tiled
-    engine = " (exported graph, onnxruntime)" * exported
-    print(f"predict: {len(paths)} image(s), head {args.head}{engine}, image size {size}{' (tiles)' * tiled}, device {device}")
+    engine = f"{args.head} (exported graph, onnxruntime)" if exported else args.head
+    print(f"predict: {len(paths)} image(s), head {engine}, image size {size}{' (tiles)' * tiled}, device {device}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path, stored_range = args.out / "predictions.csv", scorer.map_range
