@@ -169,12 +169,10 @@ def load_setting(ckpt_path: str, ckpt: dict, setting: Setting, device: torch.dev
     stored_args = (ckpt["hyper_parameters"].get("head_args") or {}).get(setting.head, {})
     head_args = {setting.head: {**stored_args, **setting.head_args}}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Backbone .*pretrained=False")
         warnings.filterwarnings("ignore", message=r"Found keys that are")  # other heads' buffers; checked below
-        model = FeatureDDPM.load_from_checkpoint(
-            ckpt_path, map_location=device, weights_only=True, strict=False, pretrained=False,
-            backbone_weights=None, heads=setting.head, head_args=head_args, **overrides,
-        )  # fmt: skip
+        model = FeatureDDPM.from_checkpoint(
+            ckpt_path, device, strict=False, heads=setting.head, head_args=head_args, **overrides
+        )
     missing = [k for k in model.state_dict() if k not in ckpt["state_dict"] and not k.startswith("heads.")]
     if missing:
         raise BadInputError(
