@@ -161,7 +161,6 @@ def main() -> None:
     model, weights = build_model(args.ckpt_path)
     train = torch.stack(demo_images(args.category, "train", args.fit_images + 8))
     fit_heads(model, train[: args.fit_images], train[args.fit_images :])
-    # Only now: after torch.set_num_threads(2), batched float64 linalg.inv (irf's fit) fails in MKL (torch 2.14.1).
     torch.set_num_threads(args.threads)
     model.prepare_inference(channels_last=args.channels_last, compile=args.compile)
     test = demo_images(args.category, "test", args.warmup + args.images)

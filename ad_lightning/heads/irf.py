@@ -53,7 +53,9 @@ class Gaussian(FittedState):
         if self.covariance == "full":
             cov = (outer - n * torch.einsum("pc,pd->pcd", mean, mean)) / (n - 1)
             eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-            precision = torch.linalg.inv(cov + self.ridge * eye)  # [P, C, C]
+            # Sigma + ridge I is symmetric positive definite: invert through its Cholesky factor (stable,
+            # and MKL's batched LU inverse fails after torch.set_num_threads(2) in torch 2.14.1)
+            precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + self.ridge * eye))  # [P, C, C]
         else:
             var = (outer - n * mean.pow(2)) / (n - 1)
             precision = 1.0 / (var.clamp_min(0) + self.ridge)  # [P, C]

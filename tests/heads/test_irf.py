@@ -120,3 +120,19 @@ def test_bad_config_raises():
         IRFHead(t_star=1000)
     with pytest.raises(ValueError, match="input"):
         IRFHead(input="noisy")
+
+
+def test_full_gaussian_fits_after_the_thread_count_changes():
+    """torch 2.14.1's MKL batched LU inverse fails once torch.set_num_threads(2) was called (the
+    experiments and benchmarks set threads); the Cholesky inverse the Gaussian uses does not."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        r = torch.randn(400, 152, 16, 16, generator=torch.Generator().manual_seed(0))  # the demo's feature grid
+        gaussian = Gaussian(per="position", covariance="full", ridge=0.01)
+        gaussian.fit([r[:200], r[200:]])
+    finally:
+        torch.set_num_threads(threads)
+    v = r[:, :, 3, 5].double()  # position 3 * 16 + 5
+    cov = torch.cov(v.T) + 0.01 * torch.eye(152, dtype=torch.float64)
+    assert torch.allclose(gaussian.precision[3 * 16 + 5].double() @ cov, torch.eye(152, dtype=torch.float64), atol=1e-4)
