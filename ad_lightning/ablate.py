@@ -19,7 +19,6 @@ The data are the checkpoint's DataModule and arguments; `--data NAME` and `--dat
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import math
 import os
@@ -40,6 +39,7 @@ from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import resolve_checkpoint
 from ad_lightning.data import AnomalyDataModule, BadInputError
 from ad_lightning.heads import build_head
+from ad_lightning.evaluation.tables import markdown_table, write_csv
 from ad_lightning.lit import FeatureDDPM, parse_names
 from ad_lightning.predict import resolve_device
 
@@ -234,25 +234,11 @@ def run_ablation(
     for i, setting in enumerate(settings, 1):
         print(f"ablate: setting {i}/{len(settings)}: {setting.name}", flush=True)
         results.append(score_setting(ckpt_path, ckpt, setting, data, out_dir, device, overrides or {}))
-        write_csv([r.row for r in results], out_dir / "ablation.csv")  # after each setting: partial results survive
+        write_csv(out_dir / "ablation.csv", [r.row for r in results], COLUMNS)  # after each setting: partial results survive
     return results, plot_ablation([r.row for r in results], out_dir)
 
 
 # ----- tables and plots --------------------------------------------------------------------------
-def write_csv(rows: list[dict], path: Path, columns: Sequence[str] = COLUMNS) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({c: "" if row.get(c) is None else row[c] for c in columns} for row in rows)
-
-
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
-    """A Markdown table; floats with 3 decimals, missing values as `-`."""
-    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows])
-
-
 def line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, log_x: bool = False) -> Path:
     """One line per `series` entry (label -> (x, y)), markers at the points; saved as PNG."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
@@ -352,7 +338,7 @@ def main(argv: list[str]) -> None:
     rows = [r.row for r in results]
     if args.wandb:
         log_to_wandb(rows, plots, args.out, Path(ckpt_path))
-    print("\n" + format_table(rows, SUMMARY))
+    print("\n" + markdown_table(rows, SUMMARY))
     print(f"ablation: {args.out / 'ablation.csv'} ({len(rows)} settings)\nplots:    {args.out}/*_vs_*.png")
 
 

@@ -11,7 +11,6 @@ row per (category, head) plus a mean row, and a Markdown table next to it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ad_lightning.evaluation.report import nan_mean
+from ad_lightning.evaluation.tables import markdown_table, write_csv
 
 COLUMNS = (
     "category", "head", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
@@ -58,14 +58,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    fmt = lambda v: "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_csv(out, rows, COLUMNS)
+    out.with_suffix(".md").write_text(markdown_table(rows, COLUMNS, missing="n/a") + "\n")
 
 
 def main(argv: list[str], cli: Callable[[list[str]], None]) -> None:

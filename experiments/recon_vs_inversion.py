@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 
 from ad_lightning.ablate import (
-    add_experiment_args, float_list, format_table, line_plot, prepare_experiment, run_ablation, series_by,
+    add_experiment_args, float_list, line_plot, prepare_experiment, run_ablation, series_by,
     settings_grid,
 )  # fmt: skip
+from ad_lightning.evaluation.tables import markdown_table
 
 PERTURBATIONS = (0.1, 0.2, 0.4, 0.6, 0.8)
 INVERSION = {"inversion": "image_auroc", "inversion NLL": "nll_image_auroc", "inversion sp": "sp_image_auroc"}
@@ -59,7 +60,7 @@ def main() -> None:
     rows = sorted((r.row for r in results), key=lambda r: r["steps"])
     image, pixel = table(rows, "image_auroc", with_terms=True), table(rows, "pixel_auroc", with_terms=False)
     text = "\n\n".join(
-        f"{title} (a row per number of steps S = NFE)\n\n{format_table(t, list(t[0]))}"
+        f"{title} (a row per number of steps S = NFE)\n\n{markdown_table(t, list(t[0]))}"
         for title, t in (("image AUROC", image), ("pixel AUROC", pixel))
     )
     (args.out / "recon_vs_inversion.md").write_text(text + "\n")

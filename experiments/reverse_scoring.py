@@ -28,8 +28,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ad_lightning.ablate import (
-    Result, add_experiment_args, format_table, prepare_experiment, run_ablation, settings_grid,
+    Result, add_experiment_args, prepare_experiment, run_ablation, settings_grid,
 )  # fmt: skip
+from ad_lightning.evaluation.tables import markdown_table
 
 # title -> (per-image score column, the ablation row's image AUROC of it)
 SCORES = {"NLL": ("likelihood_nll", "nll_image_auroc"), "spatial norm": ("likelihood_sp", "sp_image_auroc")}
@@ -74,7 +75,7 @@ def main() -> None:
     overrides = {"latency_images": args.latency_images}
     results, _ = run_ablation(ckpt_path, settings, datamodule, args.out, device, overrides)
     table = [summary(r) for r in results]
-    text = f"NLL and spatial norm per S (normal vs anomalous test images)\n\n{format_table(table, list(table[0]))}"
+    text = f"NLL and spatial norm per S (normal vs anomalous test images)\n\n{markdown_table(table, list(table[0]))}"
     (args.out / "reverse_scoring.md").write_text(text + "\n")
     figure = histograms(results, args.out / "reverse_scoring.png")
     print(f"\n{text}\n\ntable:  {args.out / 'reverse_scoring.md'}\nfigure: {figure}")

@@ -11,8 +11,9 @@ from conftest import build_mvtec_tree
 
 from ad_lightning import ablate
 from ad_lightning.ablate import (
-    COLUMNS, Setting, check_settings, format_table, load_datamodule, number_list, settings_grid,
+    COLUMNS, Setting, check_settings, load_datamodule, number_list, settings_grid,
 )  # fmt: skip
+from ad_lightning.evaluation.tables import markdown_table
 from ad_lightning.cli import main
 from ad_lightning.data import AnomalyDataModule, BadInputError, Demo, MVTecAD
 
@@ -192,8 +193,8 @@ def test_datamodule_from_checkpoint_with_overrides(tmp_path):
             load_datamodule(ckpt, name)
 
 
-def test_format_table():
-    table = format_table([{"head": "irf", "image_auroc": 0.91234, "steps": None}], ["head", "steps", "image_auroc"])
+def test_markdown_table():
+    table = markdown_table([{"head": "irf", "image_auroc": 0.91234, "steps": None}], ["head", "steps", "image_auroc"])
     assert table.splitlines() == ["| head | steps | image_auroc |", "|---|---|---|", "| irf | - | 0.912 |"]
 
 

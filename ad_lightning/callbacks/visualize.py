@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import bisect
-import csv
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from sklearn.metrics import auc, roc_curve
 from torch import Tensor
 
 from ad_lightning.heads import Head, Scores
+from ad_lightning.evaluation.tables import write_csv
 from ad_lightning.lit import at_resolution
 
 OVERLAY_ALPHA = 0.5  # weight of the colour map over the image
@@ -266,13 +266,6 @@ def draw_roc(heads: list[str], rows: list[dict]) -> Figure:
         ax.set_title(head, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     return fig
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def save(fig: Figure, path: Path) -> Path:
