@@ -13,7 +13,6 @@ compared with the eager model's on seeded random images.
 from __future__ import annotations
 
 import argparse
-import math
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from ad_lightning.callbacks.visualize import finite_range
 from ad_lightning.cli import resolve_checkpoint
 from ad_lightning.data.images import BadInputError
 from ad_lightning.heads import Scores
@@ -68,8 +68,7 @@ class OnnxScorer:
                 f"expected {FORMAT!r}); export one with `python -m ad_lightning export --ckpt_path CKPT --head irf`"
             )
         self.head, self.image_size, self.threshold = meta["head"], int(meta["image_size"]), float(meta["threshold"])
-        low, high = float(meta["map_low"]), float(meta["map_high"])
-        self.map_range = (low, high) if math.isfinite(low) and math.isfinite(high) else None
+        self.map_range = finite_range(float(meta["map_low"]), float(meta["map_high"]))
 
     def __call__(self, images: Tensor) -> Scores:
         score, maps = self.session.run(OUTPUTS, {INPUT: images.detach().float().cpu().numpy()})

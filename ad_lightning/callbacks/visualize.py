@@ -42,7 +42,11 @@ DPI = 100
 
 def stored_map_range(head: Head) -> tuple[float, float] | None:
     """The head's map range on the normal validation split (`map_low`, `map_high`), when it is finite."""
-    low, high = float(head.map_low), float(head.map_high)
+    return finite_range(float(head.map_low), float(head.map_high))
+
+
+def finite_range(low: float, high: float) -> tuple[float, float] | None:
+    """(low, high) when both are finite; None for a map range that was never calibrated (NaN)."""
     return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
