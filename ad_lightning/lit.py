@@ -252,7 +252,7 @@ class FeatureDDPM(LightningModule):
     def train_z0(self, batch: int = 64) -> Iterator[Tensor]:
         """Standardised features of the normal training split, in batches [b, C, h, w] on this device."""
         if self._train_features is None:
-            raise RuntimeError("the training features are cached by `fit`; heads are fitted only during `fit`")
+            raise RuntimeError("the training features are cached by `fit` or `fit_heads`; call one of them first")
         for start in range(0, len(self._train_features), batch):
             yield self.feature_norm(self._train_features[start : start + batch].to(self.device).float())
 
