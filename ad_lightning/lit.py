@@ -161,13 +161,17 @@ class FeatureDDPM(LightningModule):
     # ----- fast inference ------------------------------------------------------------------
     inference_bf16 = False  # bf16 autocast of scoring on CUDA; set by `prepare_inference`
 
-    def prepare_inference(self, channels_last: bool = True, compile: bool = False, bf16: bool = False) -> FeatureDDPM:
-        """Ready the model for scoring only (not for training or saving): eval mode; backbone blocks
-        that no fused stage reads dropped; the backbone and EMA denoiser weights in the channels-last
-        layout (oneDNN's fast convolutions on CPU, tensor cores on CUDA); optionally `torch.compile`d
-        in place; `bf16` autocasts scoring on CUDA (the heads' maths stays float32). Returns the model."""
+    def prepare_inference(
+        self, channels_last: bool = True, fold_batchnorm: bool = True, compile: bool = False, bf16: bool = False
+    ) -> FeatureDDPM:
+        """Ready the model for scoring only (not for training or saving): eval mode; the backbone's
+        BatchNorms folded into its convolutions (-20 % backbone time on the CPU); the backbone and EMA
+        denoiser weights in the channels-last layout (oneDNN's fast convolutions on CPU, tensor cores
+        on CUDA); optionally `torch.compile`d in place; `bf16` autocasts scoring on CUDA (the heads'
+        maths stays float32). Returns the model."""
         self.eval()
-        self._drop_unused_backbone_blocks()
+        if fold_batchnorm:
+            self.backbone.fold_batchnorm()
         layout = torch.channels_last if channels_last else torch.contiguous_format
         for network in (self.backbone, self.ema.module):
             network.to(memory_format=layout)
@@ -175,15 +179,6 @@ class FeatureDDPM(LightningModule):
                 network.compile()
         self.inference_bf16 = bf16
         return self
-
-    def _drop_unused_backbone_blocks(self) -> None:
-        """timm's EfficientNet feature extractors run every block, also those after the last fused stage
-        (about a quarter of Lite0's time at 256 px); scoring never reads them, so they are dropped.
-        Other extractors (e.g. ResNets) already stop at their last output."""
-        network = self.backbone.model
-        names = network.feature_info.module_name()  # e.g. ["blocks.2", "blocks.4"]
-        if isinstance(getattr(network, "blocks", None), nn.Sequential) and all(n.startswith("blocks.") for n in names):
-            network.blocks = network.blocks[: max(int(n.split(".")[1]) for n in names) + 1]
 
     def network_autocast(self, like: Tensor):
         """The autocast the networks (backbone, denoiser) run under: the Trainer's mixed precision
@@ -327,7 +322,9 @@ class FeatureDDPM(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # foreach: each update op once over all parameters, not once per tensor (torch's default only on
+        # CUDA); not `fused`, which Lightning refuses with gradient clipping under mixed precision
+        optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, foreach=True)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total // 2)
         scheduler = torch.optim.lr_scheduler.SequentialLR(
@@ -344,7 +341,7 @@ class FeatureDDPM(LightningModule):
 
     # ----- test ----------------------------------------------------------------------------
     def on_test_start(self) -> None:
-        """`test` scores on the fast path (`prepare_inference`: channels-last, unused backbone blocks dropped)."""
+        """`test` scores on the fast path (`prepare_inference`: BatchNorm folded, channels-last)."""
         self.prepare_inference()
 
     def on_test_epoch_start(self) -> None:
@@ -477,8 +474,7 @@ def ema_with_warmup(decay: float):
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         n = int(num_averaged)
         weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
-        for avg, cur in zip(averaged, current):
-            avg.lerp_(cur, weight)
+        torch._foreach_lerp_(averaged, current, weight)  # as torch's own get_ema_multi_avg_fn does
 
     return update
 

@@ -1,7 +1,7 @@
 """Latency of the scoring heads against the reconstruction baseline, one model, one process (issue 7).
 
     python experiments/bench_latency.py [--ckpt_path CKPT] [--category fabric] [--images 20]
-        [--no-channels_last] [--compile] [--threads N]
+        [--no-channels_last] [--no-fold_batchnorm] [--compile] [--threads N]
 
 Heads under the issue's settings, all on one backbone and one denoiser (from --ckpt_path, else an
 untrained `tiny` denoiser: latency does not depend on weight values): `irf` (t* = 200, 1 NFE),
@@ -11,14 +11,17 @@ images through its own fit_train / calibrate, and scored through `FeatureDDPM.sc
 interleaved image by image so a shared CPU's load falls on all of them alike. Batch 32: images per
 second. Prints a table, the ratios to the baseline and whether the issue's targets are met.
 
-Defaults, measured on the shared 2-core CPU (irf, batch 1, 1 thread unless said):
-- channels-last on: backbone 15.5 against 18.2 ms, denoiser 6.6 against 8.1 ms per call (CPU time);
+Defaults, measured on the project's 2-core CPU (irf, batch 1):
+- channels-last on: backbone 15.5 against 18.2 ms, denoiser 6.6 against 8.1 ms per call (1 thread);
   irf at batch 32: 31.8 against 14.4 images per second;
+- BatchNorm folded into the backbone's convolutions (`prepare_inference`): backbone 9.8 -> 7.7 ms
+  (2 threads), 14.7 -> 12.2 ms (1 thread), features equal within 6e-5 (of values up to 22);
 - compile off: it costs 1 to 2.5 min per process for 15 % (backbone) and 21 % (denoiser) less time,
   and leaves the ratios to the baseline where they were (or worse: the denoiser gains more);
-- 1 thread: while other jobs load the machine, 2 threads wait on each other (irf median 295
-  against 56 ms, interleaved, at load 7.6); at load 4.5 a 2-thread run had a fast median (20 ms)
-  but a 408 ms p95. The ratios to the baseline hardly move with the thread count.
+- threads: torch's default, one per core. On an idle machine 2 threads take the backbone from
+  14.7 to 9.8 ms but the batch-1 denoiser only from 6.0 to 5.2 ms (its 4 x 4 to 16 x 16 maps are
+  too small to share), so the ratios improve a little. While other jobs load the machine, 2 threads
+  wait on each other (irf median 295 against 56 ms at load 7.6): use `--threads 1` there.
 """
 
 from __future__ import annotations
@@ -63,8 +66,10 @@ def parse_args() -> argparse.Namespace:
     # Defaults chosen by measurement (see the module docstring).
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels-last weights for the backbone and denoiser (default: on)")  # fmt: skip
+    parser.add_argument("--fold_batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                        help="fold the backbone's BatchNorms into its convolutions (default: on)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and denoiser (default: off)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     return parser.parse_args()
 
 
@@ -161,14 +166,15 @@ def main() -> None:
     model, weights = build_model(args.ckpt_path)
     train = torch.stack(demo_images(args.category, "train", args.fit_images + 8))
     fit_heads(model, train[: args.fit_images], train[args.fit_images :])
-    torch.set_num_threads(args.threads)
-    model.prepare_inference(channels_last=args.channels_last, compile=args.compile)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model.prepare_inference(channels_last=args.channels_last, fold_batchnorm=args.fold_batchnorm, compile=args.compile)
     test = demo_images(args.category, "test", args.warmup + args.images)
     load_before = os.getloadavg()
     print(f"demo '{args.category}', {IMAGE_SIZE} x {IMAGE_SIZE}, {weights}")
     cpu = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {cpu}, "
-          f"channels_last={args.channels_last}, compile={args.compile}")  # fmt: skip
+          f"channels_last={args.channels_last}, fold_batchnorm={args.fold_batchnorm}, compile={args.compile}")  # fmt: skip
     timers = batch1(model, test, args.warmup)
     rates = throughput(model, torch.stack([test[i % len(test)] for i in range(args.batch)]), args.repeats)
     print(f"batch 1: {args.images} images per head after {args.warmup} warm-up; "

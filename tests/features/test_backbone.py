@@ -262,3 +262,30 @@ def test_pairing_mismatch_is_a_clear_error(tmp_path, corrupt, message):
     torch.save(corrupt(torch.load(packaged_lite0_path(), weights_only=True)), path)
     with pytest.raises(ValueError, match=f"broken_lite0.pth.*{message}"):
         packaged_lite0_state_dict(path)
+
+
+def test_blocks_after_the_last_selected_stage_are_not_built_and_the_features_are_unchanged(lite0, packaged_classifier):
+    """Lite0's stages 2 and 3 end in blocks 2 and 4: blocks 5 and 6 would run for nothing."""
+    assert len(lite0.model.blocks) == 5
+    full = timm.create_model(LITE0, features_only=True, out_indices=(2, 3))
+    full.load_state_dict(packaged_classifier.state_dict(), strict=False)
+    assert len(full.blocks) == 7
+    image = photo("chelsea")
+    with torch.no_grad():
+        expected = [stage for stage in full.eval()((image - lite0.mean) / lite0.std)]
+        actual = lite0.model((image - lite0.mean) / lite0.std)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+def test_a_state_dict_with_the_dropped_blocks_still_loads_strictly(lite0):
+    """Checkpoints written before the unused blocks were dropped hold their weights: they are set aside."""
+    full = timm.create_model(LITE0, features_only=True, out_indices=(2, 3))
+    full.load_state_dict({k[len("model.") :]: v for k, v in lite0.state_dict().items()}, strict=False)
+    written_before = {f"model.{k}": v for k, v in full.state_dict().items()}
+    assert any(k.startswith("model.blocks.6.") for k in written_before)
+    with pytest.warns(UserWarning, match="random weights"):
+        backbone = Backbone(pretrained=False)
+    backbone.load_state_dict(written_before)  # strict
+    for key, tensor in lite0.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], tensor), key
