@@ -213,6 +213,9 @@ class FeatureDDPM(LightningModule):
         loss = self.diffusion_loss(self._z0(batch), self._step_generator())
         self._check_finite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        # the schedule's learning rate, logged here rather than by LearningRateMonitor, which refuses a
+        # Trainer without a logger (`--trainer.logger false`)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size(batch))
         return loss
 
     def _step_generator(self) -> torch.Generator:

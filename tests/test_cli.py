@@ -28,6 +28,13 @@ def test_fit_fast_dev_run(tree, precision):
     run("fit", tree, "--trainer.fast_dev_run", "true", "--trainer.precision", precision)
 
 
+def test_fit_runs_without_a_logger(tree, tmp_path):
+    """`--trainer.logger false` trains and checkpoints (the learning rate is logged by the model, which
+    a Trainer without a logger accepts; LearningRateMonitor refused it)."""
+    run("fit", tree, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.default_root_dir", "nolog")
+    assert (tmp_path / "nolog" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_fit_then_test_writes_report(tree, tmp_path):
     run("fit", tree, "--trainer.max_epochs", "2")
     ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"

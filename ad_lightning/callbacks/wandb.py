@@ -8,7 +8,7 @@ run never prompts for a key or waits on the network. To go online, log in once (
 export WANDB_API_KEY); upload an offline run later with `wandb sync runs/wandb/offline-run-<...>`.
 WANDB_MODE (e.g. `offline`, `disabled`) decides instead when it is set.
 
-Training loss and learning rate reach W&B through Lightning (`self.log`, `LearningRateMonitor`);
+Training loss and learning rate reach W&B through Lightning (`self.log` of `train/loss`, `train/lr`);
 `WandbReport` adds the test results; `log_ablation` is the ablation study's table and plots.
 Nothing else in the package knows about W&B.
 """

@@ -110,7 +110,7 @@ def test_without_credentials_fit_and_test_run_offline(wandb_run):
 @FIT_AND_TEST
 def test_fit_run_holds_loss_and_learning_rate(wandb_run):
     values = logged_values(offline_runs(wandb_run)[0])
-    assert values["train/loss"] > 0 and values["lr-AdamW"] > 0
+    assert values["train/loss"] > 0 and values["train/lr"] > 0
     assert "val/loss" in values
 
 
