@@ -264,25 +264,26 @@ def test_pairing_mismatch_is_a_clear_error(tmp_path, corrupt, message):
         packaged_lite0_state_dict(path)
 
 
-def test_blocks_after_the_last_selected_stage_are_not_built_and_the_features_are_unchanged(lite0, packaged_classifier):
-    """Lite0's stages 2 and 3 end in blocks 2 and 4: blocks 5 and 6 would run for nothing."""
-    assert len(lite0.model.blocks) == 5
+@pytest.fixture(scope="module")
+def full_lite0(packaged_classifier):
+    """timm's Lite0 extractor of stages 2 and 3 as timm builds it: all 7 blocks, packaged weights."""
     full = timm.create_model(LITE0, features_only=True, out_indices=(2, 3))
     full.load_state_dict(packaged_classifier.state_dict(), strict=False)
-    assert len(full.blocks) == 7
-    image = photo("chelsea")
+    return full.eval()
+
+
+def test_blocks_after_the_last_selected_stage_are_not_built_and_the_features_are_unchanged(lite0, full_lite0):
+    """Lite0's stages 2 and 3 end in blocks 2 and 4: blocks 5 and 6 would run for nothing."""
+    assert len(lite0.model.blocks) == 5 < len(full_lite0.blocks) == 7
+    image = (photo("chelsea") - lite0.mean) / lite0.std
     with torch.no_grad():
-        expected = [stage for stage in full.eval()((image - lite0.mean) / lite0.std)]
-        actual = lite0.model((image - lite0.mean) / lite0.std)
-    for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, atol=0, rtol=0)
+        for actual, expected in zip(lite0.model(image), full_lite0(image), strict=True):
+            torch.testing.assert_close(actual, expected, atol=0, rtol=0)
 
 
-def test_a_state_dict_with_the_dropped_blocks_still_loads_strictly(lite0):
+def test_a_state_dict_with_the_dropped_blocks_still_loads_strictly(lite0, full_lite0):
     """Checkpoints written before the unused blocks were dropped hold their weights: they are set aside."""
-    full = timm.create_model(LITE0, features_only=True, out_indices=(2, 3))
-    full.load_state_dict({k[len("model.") :]: v for k, v in lite0.state_dict().items()}, strict=False)
-    written_before = {f"model.{k}": v for k, v in full.state_dict().items()}
+    written_before = {f"model.{k}": v for k, v in full_lite0.state_dict().items()}
     assert any(k.startswith("model.blocks.6.") for k in written_before)
     with pytest.warns(UserWarning, match="random weights"):
         backbone = Backbone(pretrained=False)
