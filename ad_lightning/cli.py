@@ -20,6 +20,7 @@ from ad_lightning.lit import FeatureDDPM
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's own `predict` is replaced by ad_lightning.predict
+DEFAULT_MAX_STEPS = 1000  # the training budget when neither --trainer.max_steps nor --trainer.max_epochs is given
 
 
 def resolve_checkpoint(path: str | None, root: str | Path = "runs", missing_last_ok: bool = False) -> str | None:
@@ -53,6 +54,14 @@ def resolve_checkpoint(path: str | None, root: str | Path = "runs", missing_last
     return str(found[-1])
 
 
+def set_training_budget(trainer) -> None:
+    """Training length in optimizer steps by default, so every category gets the same budget whatever
+    its size: `DEFAULT_MAX_STEPS` unless --trainer.max_steps or --trainer.max_epochs says otherwise
+    (epochs alone: train that many epochs; both: whichever ends first, as Lightning does)."""
+    if trainer.get("max_epochs") is None and trainer.get("max_steps", -1) in (None, -1):
+        trainer.max_steps = DEFAULT_MAX_STEPS
+
+
 class ADLightningCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -62,6 +71,8 @@ class ADLightningCLI(LightningCLI):
             root = config.trainer.get("default_root_dir") or "runs"
             config.ckpt_path = resolve_checkpoint(config.ckpt_path, root, missing_last_ok=subcommand == "fit")
             config.weights_only = True  # the Trainer loads it weights-only too, whatever the command line says
+        if subcommand == "fit":
+            set_training_budget(self.config[subcommand].trainer)
 
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback

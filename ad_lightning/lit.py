@@ -32,6 +32,10 @@ from ad_lightning.models.registry import build_denoiser
 
 
 LATENCY_WARMUP = 3  # batch-1 calls discarded before timing
+HEADS_NOT_CURRENT = (
+    "its heads were not fitted on its weights (a checkpoint written during training); fitting them on the "
+    "normal training and validation splits before scoring"
+)
 CPU_BACKBONE_PIXELS = 2 * 256 * 256  # image pixels per backbone call on the CPU (measured best: 2 images of 256 px)
 
 
@@ -53,11 +57,14 @@ class FeatureDDPM(LightningModule):
             `{likelihood: {steps: 3}}`.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up, then cosine decay.
         ema_decay: EMA of the denoiser weights; the EMA copy does all scoring.
-        blur_sigma: optional Gaussian blur of upsampled anomaly maps (0 = off, as in InvAD).
+        blur_sigma: optional Gaussian blur of upsampled anomaly maps (0 = off, as in InvAD), for heads
+            that do not set their own (`patchcore` blurs with sigma 4, as its paper does).
         latency_images: test images re-scored one at a time (after 3 warm-up images) for the
             batch-1 latency in metrics.json; 0 turns it off.
         threshold_method, threshold_q: the deployed image threshold of each head, fitted on the
             normal validation scores: the `threshold_q` percentile, or `otsu`.
+        fit_heads_every_n_epochs: heads are fitted and calibrated once, at the end of training, on the
+            final EMA weights (0); k > 0 also fits them every k epochs, e.g. to watch them during training.
     """
 
     def __init__(
@@ -83,8 +90,14 @@ class FeatureDDPM(LightningModule):
         latency_images: int = 20,
         threshold_method: str = "percentile",
         threshold_q: float = 99.0,
+        fit_heads_every_n_epochs: int = 0,
     ) -> None:
         super().__init__()
+        if fit_heads_every_n_epochs < 0:
+            raise ValueError(
+                f"fit_heads_every_n_epochs={fit_heads_every_n_epochs} must be >= 0 (0: at the end of training only); "
+                "set --model.fit_heads_every_n_epochs"
+            )
         self.save_hyperparameters()
         self.backbone = Backbone(backbone, out_indices, pretrained=pretrained, weights=backbone_weights)
         channels = self.backbone.out_channels
@@ -103,8 +116,9 @@ class FeatureDDPM(LightningModule):
         self.alpha_bar = linear_alpha_bar(num_timesteps, beta_start, beta_end)
         self._recorder: TestRecorder | None = None
         self._train_features: Tensor | None = None  # raw backbone features of the train split [N, C, h, w], CPU
-        self._val_outputs: dict[str, list[HeadOutput]] = {}
         self.noise_seed = torch.initial_seed()  # set by seed_everything; kept in checkpoints for resuming
+        self.heads_fitted_step: int | None = None  # the global step whose EMA weights the heads were fitted on
+        self.checkpoint_step: int | None = None  # the global step of the checkpoint this model was loaded from
         self.test_metrics: dict | None = None  # the last `test`'s metrics.json content (global rank 0)
         self.test_scores: dict | None = None  # and its merged per-image results (`TestRecorder.payload`)
 
@@ -240,9 +254,15 @@ class FeatureDDPM(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["noise_seed"] = self.noise_seed
+        checkpoint["heads_fitted_step"] = self.heads_fitted_step
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.noise_seed = checkpoint.get("noise_seed", self.noise_seed)
+        self.checkpoint_step = checkpoint.get("global_step")
+        # checkpoints written before heads were fitted once per run refitted them at every validation
+        # epoch, right before the save: their heads match their weights whenever they were calibrated
+        legacy = self.checkpoint_step if "heads_fitted_step" not in checkpoint else None
+        self.heads_fitted_step = checkpoint.get("heads_fitted_step", legacy)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.ema.update_parameters(self.denoiser)
@@ -254,74 +274,76 @@ class FeatureDDPM(LightningModule):
         for start in range(0, len(self._train_features), batch):
             yield self.feature_norm(self._train_features[start : start + batch].to(self.device).float())
 
-    def _fitting_heads(self) -> bool:
-        """Heads are (re)fitted in every validation epoch of `fit` (not in sanity checks or `validate`)."""
-        return self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-
-    def on_validation_epoch_start(self) -> None:
-        """Fit the heads' normal-training statistics (Gaussians, mean attention, detectors) on the
-        current EMA weights, before they score the validation images."""
-        if self._fitting_heads():
-            self._fit_train_heads()
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Held-out diffusion loss, and each head's raw outputs on normal validation images."""
+        """Held-out diffusion loss on normal validation images (the heads are not fitted here)."""
         z0 = self._z0(batch)
         generator = torch.Generator(z0.device).manual_seed(batch_idx)
         self.log("val/loss", self.diffusion_loss(z0, generator), batch_size=z0.shape[0], sync_dist=True)
-        if self._fitting_heads():
-            self._evaluate_normal(z0)
 
-    def on_validation_epoch_end(self) -> None:
-        """Calibrate every head on the normal validation split (gathered over ranks)."""
-        if self._fitting_heads():
-            self._calibrate_heads(gather=True)
+    def on_train_epoch_end(self) -> None:
+        """Fit the heads on the current EMA weights when training ends (and every
+        `fit_heads_every_n_epochs` epochs if asked), before this epoch's checkpoint is written: the
+        checkpoint callback saves after the module's `on_train_epoch_end`."""
+        every = self.hparams.fit_heads_every_n_epochs
+        if self._training_ends() or (every and (self.current_epoch + 1) % every == 0):
+            self.fit_heads(self.trainer.datamodule, cached=True)
 
-    def fit_heads(self, datamodule) -> None:
-        """Fit every head from this (trained) model outside `fit`, exactly as a validation epoch
-        does: normal training statistics, then calibration on the normal validation split.
+    def _training_ends(self) -> bool:
+        """Whether this epoch is the last one: the step budget or the epoch count is reached, or a
+        callback asked to stop."""
+        trainer = self.trainer
+        if trainer.max_steps is not None and 0 <= trainer.max_steps <= self.global_step:
+            return True
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.current_epoch + 1:
+            return True
+        return trainer.should_stop
 
-        `ablate` uses it to score one checkpoint under other head settings without retraining;
-        the feature standardiser keeps the statistics the denoiser was trained with."""
-        self._train_features = datamodule.cache_features(self.backbone.to(self.device), self.device)
-        self._fit_train_heads()
-        for batch in datamodule.val_dataloader():
-            self._evaluate_normal(self._z0({k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}))
-        self._calibrate_heads(gather=False)
+    @property
+    def heads_current(self) -> bool:
+        """Whether the heads were fitted on the EMA weights this model holds: true after `fit_heads`
+        and for a checkpoint written at the step its heads were fitted at."""
+        step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
+        return self.heads_fitted_step is not None and self.heads_fitted_step == step
 
-    def _fit_train_heads(self) -> None:
-        with float32_maths(self.device):
+    def fit_heads(self, datamodule, cached: bool = False) -> None:
+        """Fit and calibrate every head on this model's EMA weights: normal training statistics
+        (`fit_train`), then normalisers, map ranges and thresholds on the normal validation split.
+
+        At the end of `fit` (`cached`) the training and validation features are the ones already in
+        memory (under DDP every rank holds all of them, gathered, so every rank fits the same heads);
+        otherwise (`test` or `predict` on a checkpoint without current heads, `ablate`) the datamodule
+        computes them. The feature standardiser keeps the statistics the denoiser was trained with."""
+        if not cached:
+            self._train_features = datamodule.cache_features(self.backbone.to(self.device), self.device)
+        was_training = self.ema.training
+        self.ema.eval()
+        with torch.no_grad(), float32_maths(self.device):
             for head in self.heads.values():
                 if head.needs_train_fit:
                     head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
+            outputs: dict[str, list[HeadOutput]] = {}
+            for z0 in self._val_z0(datamodule):
+                for name, head in self.heads.items():
+                    if not isinstance(head, EnsembleHead):
+                        outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
+            self._calibrate_heads({name: HeadOutput.cat(chunks) for name, chunks in outputs.items()})
+        self.ema.train(was_training)
+        self.heads_fitted_step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
 
-    def _evaluate_normal(self, z0: Tensor) -> None:
-        """Keep each (non-ensemble) head's raw outputs on normal validation features z0."""
-        with float32_maths(z0.device):
-            for name, head in self.heads.items():
-                if not isinstance(head, EnsembleHead):
-                    out = head.evaluate(z0.float(), self.eps_fn, self.alpha_bar)
-                    self._val_outputs.setdefault(name, []).append(out.to("cpu"))
+    def _val_z0(self, datamodule) -> Iterator[Tensor]:
+        """Standardised features of every normal validation image, in batches, on this device. The
+        datamodule's own loader, called here, is not sharded by DDP: every rank calibrates on all of them."""
+        for batch in datamodule.val_dataloader():
+            yield self._z0({k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}).float()
 
-    def _calibrate_heads(self, gather: bool) -> None:
-        """Normalisers, map range and decision threshold of every head from the kept normal
-        outputs; an ensemble from its members' calibrated outputs."""
-        outputs, self._val_outputs = self._val_outputs, {}
-        normal = {name: HeadOutput.cat(chunks) for name, chunks in outputs.items()}
-        if gather:
-            normal = {name: self._gather(out) for name, out in normal.items()}
+    def _calibrate_heads(self, normal: dict[str, HeadOutput]) -> None:
+        """Normalisers, map range and decision threshold of every head from its outputs on normal
+        validation images; an ensemble from its members' calibrated outputs."""
         hp = self.hparams
         for name, head in self.heads.items():
             if isinstance(head, EnsembleHead):
                 normal[name] = head.combine({m: self.heads[m].score(normal[m]) for m in head.members})
             head.calibrate(normal[name], hp.threshold_method, hp.threshold_q)
-
-    def _gather(self, out: HeadOutput) -> HeadOutput:
-        """All ranks' outputs, concatenated on the batch dimension (DDP); unchanged on one process."""
-        if self.trainer.world_size == 1:
-            return out
-        flat = lambda v: None if v is None else self.all_gather(v.to(self.device)).flatten(0, 1).cpu()  # [W, B, ...] -> [W*B, ...]
-        return HeadOutput({k: flat(v) for k, v in out.terms.items()}, flat(out.map), flat(out.score))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -344,7 +366,12 @@ class FeatureDDPM(LightningModule):
 
     # ----- test ----------------------------------------------------------------------------
     def on_test_start(self) -> None:
-        """`test` scores on the fast path (`prepare_inference`: BatchNorm folded, channels-last)."""
+        """Fit the heads first if the checkpoint holds none fitted on its weights (one written
+        mid-training); then score on the fast path (`prepare_inference`: BatchNorm folded, channels-last)."""
+        if not self.heads_current:
+            if self.trainer.is_global_zero:
+                print(f"{self.trainer.ckpt_path or 'this model'}: {HEADS_NOT_CURRENT}")
+            self.fit_heads(self.trainer.datamodule)
         self.prepare_inference()
 
     def on_test_epoch_start(self) -> None:
@@ -391,7 +418,7 @@ class FeatureDDPM(LightningModule):
                     else:
                         out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
                     score, feature_map = finals[name] = head.score(out)
-                    size, blur = image.shape[-2:], self.hparams.blur_sigma
+                    size, blur = image.shape[-2:], head.map_blur(self.hparams.blur_sigma)
                     maps = None if feature_map is None else to_image_map(feature_map, size, blur)
                     results[name] = Scores(score, out.terms, maps)
                     if decide_pixels:

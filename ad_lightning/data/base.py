@@ -21,6 +21,7 @@ from ad_lightning.features.cache import (
     DiskCache,
     FeatureDataset,
     Mirrored,
+    Shard,
     backbone_key,
     default_cache_dir,
     extract_features,
@@ -154,6 +155,17 @@ def screen_samples(samples: Sequence[Sample], on_bad_file: str) -> tuple[list[Sa
     return kept, skipped
 
 
+def gather_shards(part: Tensor, total: int, strategy) -> Tensor:
+    """Every rank's `Shard` of a dataset's features, all-gathered back into dataset order: rank r's
+    item j is item j * world + r. part [n_r, C, h, w] (n_r = n_max or n_max - 1) -> [total, C, h, w] on the CPU."""
+    world = strategy.world_size
+    n_max = -(-total // world)
+    padded = part.new_zeros(n_max, *part.shape[1:])
+    padded[: len(part)] = part
+    gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()  # [world, n_max, C, h, w]
+    return gathered.transpose(0, 1).flatten(0, 1)[:total]  # [n_max, world, ...] -> [n_max * world, ...] -> [total, ...]
+
+
 class AnomalyDataModule(lightning.LightningDataModule):
     """Base: subclasses only say where the samples are."""
 
@@ -213,6 +225,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self.feature_sets: dict[str, Dataset] = {}  # split -> what its loader serves instead of plain images
+        self.encoded: dict[str, int] = {}  # images this process ran the backbone on, per feature set (DDP: its shard)
 
     @property
     def n_skipped(self) -> int:
@@ -314,15 +327,27 @@ class AnomalyDataModule(lightning.LightningDataModule):
         their N mirrored copies, features computed on flipped images: a fixed set, so the order of
         every epoch is the sampler's (seed, epoch) draw alone and a resumed run replays it. Returns
         the training features of the unmirrored images [N, C, h, w] (feature statistics, head fits).
+
+        Under DDP each rank encodes only its shard of each split (every world-th image) and the shards
+        are all-gathered, so every rank ends with the same tensors in dataset order (`encoded` counts
+        what this rank encoded itself).
         """
         self.setup("fit")
         store = None
         if self.feature_cache == "disk":
             store = DiskCache(self.cache_dir or default_cache_dir(), backbone_key(backbone, self.image_size))
         extract = extract_features if store is None else store.extract
+        world, rank = self._world()
 
         def features(dataset: Dataset, desc: str) -> Tensor:
-            return extract(backbone, dataset, self.eval_batch_size, device, self.num_workers, desc=desc)
+            if world == 1 or len(dataset) < world:  # too few items to share: every rank encodes them all
+                self.encoded[desc] = len(dataset)
+                return extract(backbone, dataset, self.eval_batch_size, device, self.num_workers, desc=desc)
+            shard = Shard(dataset, rank, world)
+            self.encoded[desc] = len(shard)
+            part = extract(backbone, shard, self.eval_batch_size, device, self.num_workers, desc=desc)
+            print(f"{desc}: rank {rank} of {world} encoded {len(shard)} of {len(dataset)} images")
+            return gather_shards(part, len(dataset), self.trainer.strategy)
 
         train = features(self.train_dataset, "train features")
         if self.feature_cache == "off":
@@ -335,6 +360,11 @@ class AnomalyDataModule(lightning.LightningDataModule):
             train_set = ConcatDataset([train_set, mirrored])
         self.feature_sets = {"train": train_set, "val": FeatureDataset(features(self.val_dataset, "val features"))}
         return train
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank) of the trainer this datamodule is attached to; (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -355,8 +385,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
         The trainer sets the epoch, so a run resumed from a checkpoint replays the order of the
         uninterrupted run (a plain shuffle draws from the global RNG, which no checkpoint holds).
         """
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world, rank = self._world()
         return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:

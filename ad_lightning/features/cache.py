@@ -87,6 +87,19 @@ class Mirrored(Dataset):
         return {**item, "image": item["image"].flip(-1), "mask": item["mask"].flip(-1)}  # [C, H, W], W reversed
 
 
+class Shard(Dataset):
+    """One process's share of `dataset` under DDP: items rank, rank + world, rank + 2 world, ..."""
+
+    def __init__(self, dataset: Dataset, rank: int, world: int) -> None:
+        self.dataset, self.indices = dataset, range(rank, len(dataset), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.indices[index]]
+
+
 @dataclass(frozen=True)
 class Source:
     """Where one item's pixels come from: an image file (absolute, resolved), the tile box cut from it
@@ -108,7 +121,10 @@ class Source:
 
 def item_sources(dataset: Dataset) -> list[Source]:
     """One `Source` per item, in order, of an `AnomalyDataset` (its samples), a `TileDataset` (its
-    (sample, box) tiles) or a `Mirrored` view of either."""
+    (sample, box) tiles), or a `Mirrored` view or `Shard` of one."""
+    if isinstance(dataset, Shard):
+        sources = item_sources(dataset.dataset)
+        return [sources[i] for i in dataset.indices]
     if isinstance(dataset, Mirrored):
         return [replace(source, mirrored=True) for source in item_sources(dataset.dataset)]
     if hasattr(dataset, "tiles"):

@@ -1,4 +1,5 @@
-"""DDP with two CPU processes (gloo): `fit` and `test` complete, and a DDP `test` gives every image
+"""DDP with two CPU processes (gloo): each rank encodes only its share of the images, the heads a DDP
+`fit` stores equal the heads one process fits on the same weights, and a DDP `test` gives every image
 the score a single-process `test` of the same checkpoint gives it.
 
 Both tests score one image per batch with one thread per process. CPU kernels (oneDNN
@@ -17,6 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from ad_lightning.checkpoint import load_checkpoint
+from ad_lightning.data import MVTecAD
+from ad_lightning.lit import FeatureDDPM
 
 DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "4"]
 DATA += ["--data.eval_batch_size", "1"]
@@ -24,11 +30,13 @@ MODEL = ["--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
 
-def cli(workdir: Path, *args: str) -> None:
+def cli(workdir: Path, *args: str) -> str:
+    """Run the CLI in a subprocess (its DDP ranks write to the same pipes); returns what they printed."""
     command = [sys.executable, "-m", "ad_lightning", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def scores(run: Path) -> dict[str, dict[str, float]]:
@@ -40,9 +48,26 @@ def scores(run: Path) -> dict[str, dict[str, float]]:
 def test_ddp_fit_and_test_match_single_process_scores(tmp_path, make_mvtec_tree):
     root = make_mvtec_tree(tmp_path / "data", n_train=21, n_test_good=5, defects={"scratch": 3, "hole": 3})
     data = [*DATA, "--data.root", str(root)]
-    cli(tmp_path, "fit", *data, *MODEL, *DDP, "--trainer.max_epochs", "2")
+    printed = cli(tmp_path, "fit", *data, *MODEL, *DDP, "--trainer.max_epochs", "2")
+    # 21 normal images: 19 train, 2 validation; each rank runs the backbone on every other image only
+    for rank, (n_train, n_val) in enumerate([(10, 1), (9, 1)]):
+        assert f"train features: rank {rank} of 2 encoded {n_train} of 19 images" in printed
+        assert f"val features: rank {rank} of 2 encoded {n_val} of 2 images" in printed
     ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
+
+    # the heads the two ranks fitted from their gathered features = one process fitting all images itself
+    stored = load_checkpoint(ckpt)["state_dict"]
+    single_fit = FeatureDDPM.from_checkpoint(str(ckpt))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single_fit.fit_heads(MVTecAD(root, "widget", image_size=64, eval_batch_size=1))
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in single_fit.state_dict().items():
+        if key.startswith("heads."):
+            torch.testing.assert_close(stored[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
     cli(tmp_path, "test", *data, *DDP, "--ckpt_path", str(ckpt))  # 11 images over 2 ranks: one padded repeat
     cli(tmp_path, "test", *data, "--trainer.devices", "1", "--ckpt_path", str(ckpt))

@@ -1,0 +1,106 @@
+"""Heads are fitted once, when training ends (or every k epochs when asked), on the EMA weights the
+checkpoint stores; a checkpoint written mid-training is recognisable and `test` fits its heads first."""
+
+import json
+
+import pytest
+import torch
+
+from ad_lightning.checkpoint import load_checkpoint
+from ad_lightning.cli import DEFAULT_MAX_STEPS, main
+from ad_lightning.data import MVTecAD
+from ad_lightning.lit import HEADS_NOT_CURRENT, FeatureDDPM
+
+TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+TINY += ["--model.heads", "likelihood,irf", "--model.latency_images", "0"]
+EVERY_3_STEPS = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename", "{step}",
+                 "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.every_n_train_steps", "3"]  # fmt: skip
+
+
+@pytest.fixture
+def tree(tmp_path, make_mvtec_tree, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return make_mvtec_tree(tmp_path / "data", n_train=20, n_test_good=4)
+
+
+@pytest.fixture
+def fits(monkeypatch) -> list[int]:
+    """The global step of every `FeatureDDPM.fit_heads` call."""
+    calls, original = [], FeatureDDPM.fit_heads
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureDDPM, "fit_heads", counted)
+    return calls
+
+
+def run(subcommand, root, *extra):
+    main([subcommand, *TINY, "--data.root", str(root), *extra])
+
+
+def test_heads_are_fitted_once_at_the_end(tree, tmp_path, fits):
+    run("fit", tree, "--trainer.max_epochs", "4")  # 18 training images, batch 8: 3 steps an epoch
+    assert fits == [12]
+    ckpt = load_checkpoint(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == ckpt["heads_fitted_step"] == 12
+    assert torch.isfinite(ckpt["state_dict"]["heads.irf.threshold"])
+
+
+def test_heads_every_k_epochs_when_asked(tree, fits):
+    run("fit", tree, "--trainer.max_epochs", "5", "--model.fit_heads_every_n_epochs", "2")
+    assert fits == [6, 12, 15]  # epochs 2 and 4, then the end
+
+
+def test_a_step_budget_ends_mid_epoch_with_fitted_heads(tree, tmp_path, fits):
+    run("fit", tree, "--trainer.max_steps", "7")
+    ckpt = load_checkpoint(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert fits == [7] and ckpt["global_step"] == ckpt["heads_fitted_step"] == 7
+
+
+def test_the_default_budget_is_in_steps_and_epochs_alone_override_it(tree, tmp_path):
+    run("fit", tree)  # neither max_steps nor max_epochs: the step budget
+    config = (tmp_path / "runs" / "version_0" / "config.yaml").read_text()
+    assert f"max_steps: {DEFAULT_MAX_STEPS}" in config
+    assert load_checkpoint(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == DEFAULT_MAX_STEPS
+    run("fit", tree, "--trainer.max_epochs", "2")  # epochs alone: that many epochs, whatever the budget
+    config = (tmp_path / "runs" / "version_1" / "config.yaml").read_text()
+    assert "max_epochs: 2" in config and "max_steps: -1" in config
+    assert load_checkpoint(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_a_mid_training_checkpoint_is_fitted_before_scoring(tree, tmp_path, fits, capsys):
+    run("fit", tree, "--trainer.max_epochs", "3", *EVERY_3_STEPS)
+    checkpoints = tmp_path / "runs" / "version_0" / "checkpoints"
+    mid = load_checkpoint(checkpoints / "step=3.ckpt")
+    assert mid["global_step"] == 3 and mid["heads_fitted_step"] is None
+    assert torch.isnan(mid["state_dict"]["heads.likelihood.threshold"])  # never fitted: recognisably so
+
+    fits.clear()
+    capsys.readouterr()
+    run("test", tree, "--ckpt_path", str(checkpoints / "step=3.ckpt"))
+    assert fits == [0] and HEADS_NOT_CURRENT in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())
+    deployed = metrics["thresholds"]["deployed_image_threshold"]
+
+    # the same heads, fitted another way: the checkpoint's model, fitted by hand on the same splits
+    model = FeatureDDPM.from_checkpoint(str(checkpoints / "step=3.ckpt"))
+    assert not model.heads_current
+    model.fit_heads(MVTecAD(tree, "widget", image_size=64))
+    assert model.heads_current
+    for head in ("likelihood", "irf"):
+        assert deployed[head] == pytest.approx(float(model.heads[head].threshold), rel=1e-5), head
+
+    fits.clear()
+    run("test", tree, "--ckpt_path", str(checkpoints / "last.ckpt"))  # fitted at its own step: used as it is
+    assert fits == [] and HEADS_NOT_CURRENT not in capsys.readouterr().out
+
+
+def test_checkpoints_from_before_the_marker_count_as_fitted(tree, tmp_path):
+    run("fit", tree, "--trainer.max_epochs", "1")
+    path = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(path)
+    del ckpt["heads_fitted_step"]  # as written before heads were fitted once per run
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+    assert FeatureDDPM.from_checkpoint(str(tmp_path / "legacy.ckpt")).heads_current
