@@ -81,6 +81,7 @@ class Head(FittedState):
 
     name: str = ""
     needs_train_fit = False  # True: `fit_train` must see the normal training features first
+    blur_sigma: float | None = None  # the head's own blur of upsampled maps; None: the model's `blur_sigma`
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,6 +118,10 @@ class Head(FittedState):
         """The deployed image threshold from normal validation scores (percentile or Otsu);
         heads with their own decision rule (an Isolation Forest) override it."""
         return fit_threshold(normal_scores, method, q)
+
+    def map_blur(self, default: float) -> float:
+        """The Gaussian blur sigma of this head's upsampled maps: its own, else the model's `default`."""
+        return default if self.blur_sigma is None else self.blur_sigma
 
     def pixel_decisions(self, maps: Tensor, anomalous: Tensor) -> Tensor | None:
         """Per-pixel decisions [B, H, W] from image-size maps and image decisions [B]; None if the
