@@ -8,6 +8,7 @@ reports in `evaluation/`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import json
 import warnings
 from contextlib import nullcontext
 
@@ -27,7 +28,8 @@ from ad_lightning.evaluation.thresholds import is_anomalous
 from ad_lightning.evaluation.timing import StageTimer, batch1_latency
 from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
-from ad_lightning.heads import EnsembleHead, HeadOutput, Scores, build_head, to_image_map
+from ad_lightning.errors import UsageError
+from ad_lightning.heads import HEADS, EnsembleHead, HeadOutput, Scores, build_head, to_image_map
 from ad_lightning.models.registry import build_denoiser
 
 
@@ -105,13 +107,7 @@ class FeatureDDPM(LightningModule):
         self.denoiser = build_denoiser(denoiser, channels, **(denoiser_args or {}))
         self.ema = AveragedModel(self.denoiser, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (DDP checks every parameter)
-        head_args = head_args or {}
-        self.heads = nn.ModuleDict(
-            {name: build_head(name, num_timesteps=num_timesteps, **head_args.get(name, {})) for name in parse_names(heads)}
-        )
-        for position, head in enumerate(self.heads.values()):
-            if isinstance(head, EnsembleHead):
-                head.bind(dict(list(self.heads.items())[:position]))
+        self.heads = build_heads(parse_names(heads), head_args or {}, num_timesteps)
         # float64 on the CPU on purpose: DDIM reads python floats from it, training gathers per sample.
         self.alpha_bar = linear_alpha_bar(num_timesteps, beta_start, beta_end)
         self._recorder: TestRecorder | None = None
@@ -119,6 +115,7 @@ class FeatureDDPM(LightningModule):
         self.noise_seed = torch.initial_seed()  # set by seed_everything; kept in checkpoints for resuming
         self.heads_fitted_step: int | None = None  # the global step whose EMA weights the heads were fitted on
         self.checkpoint_step: int | None = None  # the global step of the checkpoint this model was loaded from
+        self.scoring_changes: list[str] = []  # scoring settings that differ from the loaded checkpoint's
         self.test_metrics: dict | None = None  # the last `test`'s metrics.json content (global rank 0)
         self.test_scores: dict | None = None  # and its merged per-image results (`TestRecorder.payload`)
 
@@ -263,6 +260,14 @@ class FeatureDDPM(LightningModule):
         # epoch, right before the save: their heads match their weights whenever they were calibrated
         legacy = self.checkpoint_step if "heads_fitted_step" not in checkpoint else None
         self.heads_fitted_step = checkpoint.get("heads_fitted_step", legacy)
+        self.scoring_changes = scoring_changes(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("heads.")]:  # other heads' states, or stale ones
+            if self.scoring_changes or key.split(".")[1] not in self.heads:
+                del state[key]
+        if self.scoring_changes:  # fresh (unfitted) states of the heads as now configured; fitted before scoring
+            state.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
+            self.heads_fitted_step = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.ema.update_parameters(self.denoiser)
@@ -304,6 +309,15 @@ class FeatureDDPM(LightningModule):
         and for a checkpoint written at the step its heads were fitted at."""
         step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
         return self.heads_fitted_step is not None and self.heads_fitted_step == step
+
+    def refit_reason(self) -> str:
+        """Why the heads must be fitted before scoring (for a model whose heads are not current)."""
+        if self.scoring_changes:
+            return (
+                f"scoring settings differ from the checkpoint's ({', '.join(self.scoring_changes)}); fitting the "
+                "heads on the normal training and validation splits before scoring"
+            )
+        return HEADS_NOT_CURRENT
 
     def fit_heads(self, datamodule, cached: bool = False) -> None:
         """Fit and calibrate every head on this model's EMA weights: normal training statistics
@@ -370,7 +384,7 @@ class FeatureDDPM(LightningModule):
         mid-training); then score on the fast path (`prepare_inference`: BatchNorm folded, channels-last)."""
         if not self.heads_current:
             if self.trainer.is_global_zero:
-                print(f"{self.trainer.ckpt_path or 'this model'}: {HEADS_NOT_CURRENT}")
+                print(f"{self.trainer.ckpt_path or 'this model'}: {self.refit_reason()}")
             self.fit_heads(self.trainer.datamodule)
         self.prepare_inference()
 
@@ -487,6 +501,46 @@ class FeatureDDPM(LightningModule):
             recorder.latency = batch1_latency(self.score_images, recorder.kept, warmup=LATENCY_WARMUP)
         self.test_metrics = recorder.finish(self.trainer)
         self.test_scores = recorder.merged  # every rank's per-image scores (rank 0), for plots
+
+
+def build_heads(names: list[str], head_args: dict[str, dict], num_timesteps: int) -> nn.ModuleDict:
+    """The configured heads, in order (an ensemble binds the heads before it); a bad name or argument
+    is refused naming its option."""
+    unknown = [name for name in [*names, *head_args] if name not in HEADS]
+    if unknown:
+        raise UsageError(
+            f"unknown head(s) {unknown} in --model.heads or --model.head_args; available: {', '.join(sorted(HEADS))}"
+        )
+    heads = nn.ModuleDict()
+    for name in names:
+        try:
+            heads[name] = build_head(name, num_timesteps=num_timesteps, **head_args.get(name, {}))
+            if isinstance(heads[name], EnsembleHead):
+                heads[name].bind(dict(list(heads.items())[:-1]))
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--model.head_args.{name}: {err}") from None
+    return heads
+
+
+REFIT_OPTIONS = ("threshold_method", "threshold_q")  # besides each head's arguments: they change fitted state
+
+
+def scoring_changes(stored: dict, current) -> list[str]:
+    """The scoring settings of `current` hyper-parameters that differ from a checkpoint's `stored` ones
+    in a way that changes fitted head state: a configured head's arguments (or a head the checkpoint
+    lacks), the threshold rule. Choosing fewer of the stored heads changes nothing fitted."""
+    if not stored:
+        return []
+    stored_heads, stored_args = parse_names(stored.get("heads", [])), stored.get("head_args") or {}
+    changes = []
+    for name in parse_names(current["heads"]):
+        args = (current.get("head_args") or {}).get(name, {})
+        if name not in stored_heads:
+            changes.append(f"head {name} is new")
+        elif json.dumps(args, sort_keys=True, default=str) != json.dumps(stored_args.get(name, {}), sort_keys=True, default=str):
+            changes.append(f"head_args.{name}: {args} (checkpoint: {stored_args.get(name, {})})")
+    changes += [f"{o}: {current[o]} (checkpoint: {stored[o]})" for o in REFIT_OPTIONS if o in stored and stored[o] != current[o]]
+    return changes
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -37,6 +37,7 @@ from ad_lightning.data.images import (
 )
 
 NORMAL_DEFECT = "good"
+MIN_HELD_OUT = 2  # normal images each side of a split at least: a normaliser or Gaussian needs two values
 BAD_FILE_POLICIES = ("error", "skip")
 FEATURE_CACHES = ("memory", "disk", "off")
 log = logging.getLogger(__name__)
@@ -91,12 +92,19 @@ def split_normal(
     and a category's split does not depend on which other categories are loaded.
     """
     ordered = sorted(samples, key=lambda s: s.image_path)
-    n_val = max(1, round(val_fraction * len(ordered)))
-    if n_val >= len(ordered):
+    n_val = max(MIN_HELD_OUT, round(val_fraction * len(ordered)))
+    if len(ordered) - n_val < MIN_HELD_OUT:
         raise BadInputError(
-            f"category {category!r} has {len(ordered)} normal training image(s), too few to hold out "
-            f"{n_val}; add normal images or lower --data.{option}"
+            f"category {category!r} has {len(ordered)} normal training image(s): too few to hold out {n_val} "
+            f"(--data.{option} {val_fraction}, at least {MIN_HELD_OUT}) and train on at least {MIN_HELD_OUT}; "
+            f"add normal images (at least {2 * MIN_HELD_OUT})"
         )
+    if n_val > round(val_fraction * len(ordered)):
+        log.warning(
+            "category %r: --data.%s %s of %d normal images is %d; holding out %d, the fewest the heads' "
+            "normalisers and thresholds can be fitted on", category, option, val_fraction, len(ordered),
+            round(val_fraction * len(ordered)), n_val,
+        )  # fmt: skip
     rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
     is_val = np.zeros(len(ordered), dtype=bool)
     is_val[rng.permutation(len(ordered))[:n_val]] = True
@@ -170,6 +178,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
     """Base: subclasses only say where the samples are."""
 
     CATEGORIES: tuple[str, ...] = ()
+    CATEGORY_DIRS = True  # each category is a directory under root (not for a layout of plain folders)
     DATA_HINT = "check --data.root"  # how to get the data; subclasses name the download and layout
 
     def __init__(
@@ -224,6 +233,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        self._unchecked_test: list[Sample] = []  # test samples whose masks `check_test_split` has yet to check
         self.feature_sets: dict[str, Dataset] = {}  # split -> what its loader serves instead of plain images
         self.encoded: dict[str, int] = {}  # images this process ran the backbone on, per feature set (DDP: its shard)
 
@@ -241,14 +251,16 @@ class AnomalyDataModule(lightning.LightningDataModule):
         """The categories to load: one name, a list, or "all" (CATEGORIES, else the sub-directories of root)."""
         if self.category == "all":
             return list(self.CATEGORIES) or self._discover_categories()
-        names = self.category.split(",") if isinstance(self.category, str) else list(self.category)
-        # any directory under root is a category (a custom set in the same layout); else it must be known
-        unknown = [n for n in names if self.CATEGORIES and n not in self.CATEGORIES and not (self.root / n).is_dir()]
+        names = [n.strip() for n in (self.category.split(",") if isinstance(self.category, str) else self.category)]
+        # a category is a directory under root (a custom set in the same layout counts too)
+        found = self.root.is_dir() and self.CATEGORY_DIRS
+        unknown = [n for n in names if not n or (found and not (self.root / n).is_dir())]
         if unknown or not names:
-            valid = ", ".join(self.CATEGORIES) or "the sub-directories of the data root"
+            there = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) if found else []
+            valid = f"the folders there: {', '.join(there)}" if there else f"{type(self).__name__}'s: {', '.join(self.CATEGORIES)}"
             raise BadInputError(
-                f"unknown category {unknown or names} for {type(self).__name__} under {self.root}; "
-                f"set --data.category to one or more of: {valid}, or 'all'"
+                f"unknown category {unknown or names} for {type(self).__name__}: no such folder under {self.root}; "
+                f"set --data.category to one or more of {valid}, or 'all' ({self.DATA_HINT})"
             )
         return names
 
@@ -292,8 +304,9 @@ class AnomalyDataModule(lightning.LightningDataModule):
         train, val, test = [], [], []
         for category in self.categories:
             train_good, test_samples = self.make_samples(category)
-            check_test_masks(test_samples)
-            train_good, test_samples = self._screen(train_good), self._screen(test_samples)
+            train_good = self._screen(train_good)
+            if self.on_bad_file == "skip":  # a bad or missing mask leaves its image out, listed in metrics.json
+                test_samples = self._screen(test_samples)
             category_train, category_val = split_normal(train_good, category, self.val_fraction, self.seed)
             train += category_train
             val += category_val
@@ -301,6 +314,14 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.train_dataset = self.make_dataset(train, "train")
         self.val_dataset = self.make_dataset(val, "val")
         self.test_dataset = self.make_dataset(test, "test")
+        self._unchecked_test = test if self.on_bad_file == "error" else []
+
+    def check_test_split(self) -> None:
+        """Stop on a missing, unreadable or mis-sized test mask before anything is scored: checked when the
+        test split is first asked for, not in setup, so `fit` (which never reads test masks) is not stopped."""
+        samples, self._unchecked_test = self._unchecked_test, []
+        check_test_masks(samples)
+        screen_samples(samples, "error")
 
     def _screen(self, samples: list[Sample]) -> list[Sample]:
         kept, skipped = screen_samples(samples, self.on_bad_file)
@@ -395,6 +416,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
         return self._loader(self.feature_sets.get("val", self.val_dataset), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        self.check_test_split()
         return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:

@@ -18,6 +18,7 @@ from ad_lightning.data.images import BadInputError, find_mask
 class Folder(AnomalyDataModule):
     """One pseudo-category `name` built from directories; image-level only unless `mask_dir` is given."""
 
+    CATEGORY_DIRS = False
     DATA_HINT = "check --data.normal_dir, --data.abnormal_dir, --data.mask_dir and --data.normal_test_dir"
 
     def __init__(

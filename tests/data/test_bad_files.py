@@ -55,9 +55,13 @@ def test_skip_leaves_bad_files_out_at_setup_and_counts_them(damaged, caplog):
         assert sum(len(batch["path"]) for batch in loader) > 0  # nothing fails mid-run
 
 
-def test_error_stops_at_setup_on_a_wrong_size_mask_naming_mask_and_image(damaged):
+def test_error_stops_the_test_split_on_a_wrong_size_mask_naming_mask_and_image(damaged, write_image_file):
+    for key in ("png", "jpg", "zero"):  # only the mask is bad
+        write_image_file(damaged[key], seed=1)
+    module = make_module(damaged["root"])  # training never reads test masks: setup and fit's loaders go on
+    assert sum(len(batch["path"]) for batch in module.train_dataloader()) == len(module.train_dataset)
     with pytest.raises(BadFileError) as info:
-        make_module(damaged["root"])
+        module.test_dataloader()  # before a single test image is scored
     message = str(info.value)
     assert str(damaged["mask"]) in message and str(damaged["root"] / "bottle/test/hole/001.png") in message
     assert info.value.path == damaged["mask"]
@@ -82,10 +86,17 @@ def test_mask_at_another_resolution_is_bad_even_with_the_same_shape(damaged, wri
     assert dict(module.skipped)[str(damaged["mask"])].startswith("mask is 64x64") and module.n_skipped == 4
 
 
-def test_missing_mask_still_raises_under_skip(damaged):
+def test_missing_mask_is_skipped_under_skip_and_stops_only_the_test_split_under_error(damaged, write_image_file):
     damaged["mask"].unlink()
+    module = make_module(damaged["root"], on_bad_file="skip")
+    assert "No such file" in dict(module.skipped)[str(damaged["mask"])]
+    assert str(damaged["root"] / "bottle/test/hole/001.png") not in all_paths(module)
+    for key in ("png", "jpg", "zero"):
+        write_image_file(damaged[key], seed=1)
+    module = make_module(damaged["root"])
+    assert len(module.train_dataset) > 0
     with pytest.raises(FileNotFoundError, match="001_mask.png"):
-        make_module(damaged["root"], on_bad_file="skip")
+        module.test_dataloader()
 
 
 def test_unknown_policy_is_refused(tmp_path):

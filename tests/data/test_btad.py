@@ -29,7 +29,7 @@ def make_module(root, category, **kwargs) -> BTAD:
 @pytest.mark.parametrize(("product", "ext"), [("01", ".png"), ("03", ".bmp")])
 def test_counts_labels_and_masks_paired_by_stem(btad_root, product, ext):
     module = make_module(btad_root, product)
-    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (4, 1, 5)
+    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (3, 2, 5)  # 5 normal: at least 2 held out
     assert module.has_masks
     test = module.test_dataset.samples
     assert [(s.label, s.defect) for s in test] == [(0, "good")] * 2 + [(1, "ko")] * 3
@@ -51,7 +51,7 @@ def test_png_mask_of_a_bmp_image_is_found(btad_root, write_mask_file):
 def test_missing_mask_names_the_png_to_add(btad_root):
     (btad_root / "01/ground_truth/ko/0002.png").unlink()
     with pytest.raises(FileNotFoundError, match="0002.png"):
-        make_module(btad_root, "01")
+        make_module(btad_root, "01").test_dataloader()
 
 
 def test_missing_root_says_where_to_download(tmp_path):

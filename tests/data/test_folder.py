@@ -36,7 +36,7 @@ def paths(dataset) -> set:
 def test_without_masks_or_normal_test_dir_a_seeded_normal_share_is_tested(folder_root):
     module = make_module(folder_root)
     assert not module.has_masks
-    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (7, 1, 5)
+    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (6, 2, 5)
     train, val, test = paths(module.train_dataset), paths(module.val_dataset), paths(module.test_dataset)
     assert not (train & val or train & test or val & test)
     assert train | val | test == set((folder_root / "normal").iterdir()) | set((folder_root / "crack").iterdir())
@@ -61,14 +61,14 @@ def test_masks_paired_by_stem_in_both_spellings(folder_root):
 
 def test_normal_test_dir_keeps_all_of_normal_dir_for_training(folder_root):
     module = make_module(folder_root, normal_test_dir="normal_test", mask_dir="masks")
-    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (9, 1, 5)
+    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (8, 2, 5)
     assert paths(module.train_dataset) | paths(module.val_dataset) == set((folder_root / "normal").iterdir())
 
 
 def test_absolute_directories_and_missing_mask(folder_root):
     (folder_root / "masks/a1.png").unlink()
     with pytest.raises(FileNotFoundError, match="a1.png"):
-        make_module(folder_root, normal_dir=folder_root / "normal", mask_dir=folder_root / "masks")
+        make_module(folder_root, normal_dir=folder_root / "normal", mask_dir=folder_root / "masks").test_dataloader()
 
 
 @pytest.mark.parametrize("bad", [{"normal_test_fraction": 0.0}, {"normal_test_fraction": 1.0}])

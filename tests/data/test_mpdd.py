@@ -8,7 +8,7 @@ def test_mvtec_layout_counts_and_masks(tmp_path, make_mvtec_tree):
     root = make_mvtec_tree(tmp_path, "metal_plate", defects={"scratch": 2, "major_rust": 1})
     module = MPDD(root, "metal_plate", image_size=32)
     module.setup()
-    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (9, 1, 6)
+    assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (8, 2, 6)
     anomalous = [s for s in module.test_dataset.samples if s.label]
     assert sorted(s.defect for s in anomalous) == ["major_rust", "scratch", "scratch"]
     for s in anomalous:

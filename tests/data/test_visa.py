@@ -103,11 +103,11 @@ def test_bad_rows_are_named(visa_root):
         make_module(visa_root)
 
 
-def test_missing_mask_of_an_anomaly_fails_in_setup(visa_root):
+def test_missing_mask_of_an_anomaly_fails_before_testing(visa_root):
     mask = visa_root / "candle/Data/Masks/Anomaly/001.png"
     mask.unlink()
     with pytest.raises(FileNotFoundError, match=str(mask)):
-        make_module(visa_root)
+        make_module(visa_root).test_dataloader()
 
 
 def test_batches_are_images_and_masks(visa_root):

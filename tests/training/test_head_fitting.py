@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ad_lightning.checkpoint import load_checkpoint
-from ad_lightning.cli import DEFAULT_MAX_STEPS, main
+from ad_lightning.cli import main
+from ad_lightning.run_config import DEFAULT_MAX_STEPS
 from ad_lightning.data import MVTecAD
 from ad_lightning.lit import HEADS_NOT_CURRENT, FeatureDDPM
 
