@@ -6,6 +6,7 @@ from ad_lightning.data.folder import Folder
 from ad_lightning.data.images import BadFileError, BadInputError
 from ad_lightning.data.mpdd import MPDD
 from ad_lightning.data.mvtec import Demo, MVTecAD
+from ad_lightning.data.photos import Photos
 from ad_lightning.data.printed3d import Printed3D
 from ad_lightning.data.visa import VisA
 
@@ -19,6 +20,7 @@ __all__ = [
     "Demo",
     "Folder",
     "MVTecAD",
+    "Photos",
     "Printed3D",
     "Sample",
     "VisA",
