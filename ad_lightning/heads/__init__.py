@@ -10,6 +10,7 @@ from ad_lightning.heads.base import FittedState, Head, HeadOutput, Normalizer, S
 from ad_lightning.heads.ensemble import EnsembleHead
 from ad_lightning.heads.irf import IRFHead
 from ad_lightning.heads.likelihood import LikelihoodHead
+from ad_lightning.heads.patchcore import PatchCoreHead
 from ad_lightning.heads.pooled import PooledDetectorHead
 from ad_lightning.heads.radar import RadarHead
 from ad_lightning.heads.reconstruction import ReconstructionHead
@@ -20,6 +21,7 @@ HEADS: dict[str, Callable[..., Head]] = {
     RadarHead.name: RadarHead,
     ReconstructionHead.name: ReconstructionHead,
     EnsembleHead.name: EnsembleHead,
+    PatchCoreHead.name: PatchCoreHead,
     **{kind: partial(PooledDetectorHead, kind) for kind in ("iforest", "lof", "ocsvm")},
 }
 
@@ -42,6 +44,7 @@ __all__ = [
     "IRFHead",
     "LikelihoodHead",
     "Normalizer",
+    "PatchCoreHead",
     "PooledDetectorHead",
     "RadarHead",
     "ReconstructionHead",
