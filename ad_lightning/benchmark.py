@@ -3,9 +3,11 @@
     python -m ad_lightning benchmark --config CFG --data.root ROOT --categories a,b --out results.csv
 
 Every other argument is passed to both `fit` and `test`. Each category runs in
-`<out dir>/<category>/{fit,test}/`; a category whose `test/metrics.json` exists is skipped unless
-`--force`, so an interrupted benchmark resumes where it stopped. Writes `results.csv` with one
-row per (category, head) plus a mean row, and a Markdown table next to it.
+`<out dir>/<category>/{fit,test}/`; a category whose `test` run is complete (its completion marker
+is written once the test and everything after it has finished) is skipped unless `--force`, so an
+interrupted benchmark resumes where it stopped; any other category is rerun from scratch, even if
+a metrics.json of a killed run is there. Writes `results.csv` with one row per (category, head)
+plus a mean row, and a Markdown table next to it, each atomically.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ad_lightning.evaluation.report import nan_mean
+from ad_lightning.checkpoint import atomic_path
+from ad_lightning.evaluation.report import is_complete, nan_mean
 from ad_lightning.evaluation.tables import markdown_table, write_csv
 
 COLUMNS = (
@@ -26,14 +29,13 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def run_category(cli: Callable[[list[str]], None], category: str, out_dir: Path, passthrough: list[str]) -> Path:
-    """Fit then test one category; returns its metrics.json."""
+def run_category(cli: Callable[[list[str]], None], category: str, out_dir: Path, passthrough: list[str]) -> None:
+    """Fit then test one category (`test` marks its run complete once its report and plots are written)."""
     base = [*passthrough, "--data.category", category, "--trainer.logger.init_args.save_dir", str(out_dir)]
     cli(["fit", *base, "--trainer.logger.init_args.name", category, "--trainer.logger.init_args.version", "fit"])
     checkpoint = out_dir / category / "fit" / "checkpoints" / "last.ckpt"
     cli(["test", *base, "--trainer.logger.init_args.name", category, "--trainer.logger.init_args.version", "test",
          "--ckpt_path", str(checkpoint)])  # fmt: skip
-    return out_dir / category / "test" / "metrics.json"
 
 
 def category_rows(category: str, metrics: dict) -> list[dict]:
@@ -58,8 +60,11 @@ def mean_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
-    write_csv(out, rows, COLUMNS)
-    out.with_suffix(".md").write_text(markdown_table(rows, COLUMNS, missing="n/a") + "\n")
+    """`out` (CSV) and the Markdown table beside it, each atomically: a kill leaves the old or the new one."""
+    with atomic_path(out) as partial:
+        write_csv(partial, rows, COLUMNS)
+    with atomic_path(out.with_suffix(".md")) as partial:
+        partial.write_text(markdown_table(rows, COLUMNS, missing="n/a") + "\n")
 
 
 def main(argv: list[str], cli: Callable[[list[str]], None]) -> None:
@@ -72,12 +77,12 @@ def main(argv: list[str], cli: Callable[[list[str]], None]) -> None:
     out_dir = args.out.parent / args.out.stem
     rows = []
     for category in [c.strip() for c in args.categories.split(",") if c.strip()]:
-        metrics_path = out_dir / category / "test" / "metrics.json"
-        if metrics_path.is_file() and not args.force:
-            print(f"benchmark: {category} already done ({metrics_path}); --force reruns it")
+        test_dir = out_dir / category / "test"
+        if is_complete(test_dir) and not args.force:
+            print(f"benchmark: {category} already done ({test_dir}); --force reruns it")
         else:
             shutil.rmtree(out_dir / category, ignore_errors=True)
-            metrics_path = run_category(cli, category, out_dir, passthrough)
-        rows += category_rows(category, json.loads(metrics_path.read_text()))
+            run_category(cli, category, out_dir, passthrough)
+        rows += category_rows(category, json.loads((test_dir / "metrics.json").read_text()))
     write_tables(rows + mean_rows(rows), args.out)
     print(f"results: {args.out}\ntable:   {args.out.with_suffix('.md')}")

@@ -21,6 +21,7 @@ from ad_lightning.checkpoint import UnsafeCheckpointError, load_checkpoint
 from ad_lightning.data import AnomalyDataModule, BadInputError, download
 from ad_lightning.data.download import DownloadError
 from ad_lightning.errors import UsageError
+from ad_lightning.evaluation.report import mark_complete
 from ad_lightning.lit import FeatureDDPM, NonFiniteLossError
 from ad_lightning.run_config import (
     DEFAULT_ROOT,
@@ -119,6 +120,11 @@ class ADLightningCLI(LightningCLI):
         except BaseException:
             remove_empty_run(self.trainer)
             raise
+
+    def after_test(self) -> None:
+        """Mark the run complete once its report and plots are all written (`benchmark` trusts only that)."""
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            mark_complete(self.trainer.log_dir)
 
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback

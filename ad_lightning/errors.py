@@ -6,3 +6,7 @@ from __future__ import annotations
 
 class UsageError(ValueError):
     """An option or argument that cannot be used as given; the message names it and says how to fix it."""
+
+
+class BadInputError(ValueError):
+    """Input data that cannot be used as it is; the message names the file and the fix."""

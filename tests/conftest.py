@@ -70,3 +70,10 @@ def write_image_file() -> Callable[..., None]:
 def write_mask_file() -> Callable[..., None]:
     """`write_mask_file(path, defect_rows, value=255, size=32)`: one mask, see `write_mask`."""
     return write_mask
+
+
+@pytest.fixture
+def raw_errors(monkeypatch) -> None:
+    """`main` re-raises input errors (as with --debug) instead of printing them and exiting, so a test
+    can check the error's type and message."""
+    monkeypatch.setenv("AD_LIGHTNING_DEBUG", "1")

@@ -17,6 +17,8 @@ from ad_lightning.evaluation.tables import markdown_table
 from ad_lightning.cli import main
 from ad_lightning.data import AnomalyDataModule, BadInputError, Demo, MVTecAD
 
+pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
+
 SCORES_8_SETTINGS = pytest.mark.slow  # tests of the `ablated` fixture: 8 settings, 12 s (idle) to 130 s (loaded)
 DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
 

@@ -1,9 +1,15 @@
 """`benchmark`: fit + test per category, the documented table, resumable."""
 
 import csv
+import json
+from pathlib import Path
 
+import pytest
+
+from ad_lightning import benchmark
 from ad_lightning.benchmark import COLUMNS
 from ad_lightning.cli import main
+from ad_lightning.evaluation.report import COMPLETE, mark_complete
 
 DATA = ["--data", "MVTecAD", "--data.image_size", "64", "--data.train_batch_size", "8", "--trainer.max_epochs", "1"]
 DATA += ["--model.heads", "likelihood"]
@@ -35,3 +41,70 @@ def test_benchmark_writes_table_with_mean_row_and_resumes(tmp_path, make_mvtec_t
     monkeypatch.setattr("ad_lightning.benchmark.run_category", lambda *a: calls.append(a))
     main([*args, *DATA])  # both categories are done: nothing reruns
     assert calls == [] and metrics.stat().st_mtime_ns == stamp
+
+
+class FakeCli:
+    """Stands in for `python -m ad_lightning`: records (subcommand, category) and writes what a test run
+    writes into its run directory: metrics.json with one head whose image AUROC is the call's number, and
+    the completion marker the real `test` writes when it returns."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, argv: list[str]) -> None:
+        option = lambda name: argv[argv.index(name) + 1]
+        self.calls.append((argv[0], option("--data.category")))
+        run_dir = Path(option("--trainer.logger.init_args.save_dir")) / option("--data.category")
+        run_dir /= option("--trainer.logger.init_args.version")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if argv[0] == "test":
+            metrics = {"heads": {"h": {"image_auroc": len(self.calls) / 100}}}
+            (run_dir / "metrics.json").write_text(json.dumps(metrics))
+            mark_complete(run_dir)
+
+
+def fake_benchmark(out: Path, cli: FakeCli, *extra: str) -> dict[str, str]:
+    benchmark.main(["--categories", "widget,gadget", "--out", str(out), *extra], cli=cli)
+    with out.open() as f:
+        return {row["category"]: row["image_auroc"] for row in csv.DictReader(f)}
+
+
+def test_a_category_without_completion_marker_is_rerun_from_scratch(tmp_path):
+    out = tmp_path / "results.csv"
+    cli = FakeCli()
+    first = fake_benchmark(out, cli)
+    assert cli.calls == [("fit", "widget"), ("test", "widget"), ("fit", "gadget"), ("test", "gadget")]
+    assert first == {"widget": "0.02", "gadget": "0.04", "mean": "0.03"}
+    widget = tmp_path / "results" / "widget"
+    (widget / "test" / COMPLETE).unlink()  # as if killed after metrics.json, while plotting
+    (widget / "test" / "stale.png").write_bytes(b"")
+    cli.calls.clear()
+    second = fake_benchmark(out, cli)
+    assert cli.calls == [("fit", "widget"), ("test", "widget")]  # gadget is complete: skipped
+    assert second == {"widget": "0.02", "gadget": "0.04", "mean": "0.03"}
+    assert not (widget / "test" / "stale.png").exists()  # rerun from scratch
+    assert (widget / "test" / COMPLETE).is_file()
+
+
+def test_force_reruns_complete_categories(tmp_path):
+    cli = FakeCli()
+    fake_benchmark(tmp_path / "results.csv", cli)
+    cli.calls.clear()
+    fake_benchmark(tmp_path / "results.csv", cli, "--force")
+    assert [category for _, category in cli.calls] == ["widget", "widget", "gadget", "gadget"]
+
+
+def test_results_tables_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "results.csv"
+    fake_benchmark(out, FakeCli())
+    before = out.read_bytes(), out.with_suffix(".md").read_bytes()
+
+    def write_half_then_fail(path, rows, columns):
+        path.write_text(",".join(columns) + "\nwidget,h\n")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(benchmark, "write_csv", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        fake_benchmark(out, FakeCli(), "--force")
+    assert (out.read_bytes(), out.with_suffix(".md").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "results.csv", "results.md"]

@@ -13,6 +13,8 @@ from ad_lightning.data.images import BadInputError, list_images, read_image
 from ad_lightning.export import OnnxScorer
 from ad_lightning.predict import load_model
 
+pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
+
 IMAGE_SIZE = 256  # the demo images' size, and the size the model is trained and exported at
 HEADS = ["likelihood", "irf"]
 TOLERANCE = 1e-4  # the issue's acceptance: max |exported - eager| of scores and maps

@@ -16,6 +16,8 @@ from ad_lightning.cli import main
 from ad_lightning.data.images import BadInputError
 from ad_lightning.predict import COLUMNS, OVERLAY_ALPHA, OverlayWriter, overlay_names, render_overlay
 
+pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
+
 IMAGE_SIZE = 64  # the training size; predict must take it from the checkpoint
 HEADS = "likelihood,irf,ensemble"  # irf's Gaussian per position cannot score other sizes; the ensemble needs it
 

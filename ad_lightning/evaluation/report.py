@@ -1,9 +1,12 @@
 """Collect test-time scores, compute metrics per category and write the run's report files.
 
-Every `test` writes into the run directory (DESIGN.md contracts):
-- `metrics.json`: per head the metrics (mean over categories at the top, per category below),
-  NFE and ms per image, plus `n_test_images` and `n_anomalous`;
-- `scores.csv`: one row per test image: `path, label`, then one image-score column per score.
+Every `test` writes into the run directory:
+- `scores.csv`: one row per test image: `path, label`, then one image-score column per score;
+- `metrics.json`, last: per head the metrics (mean over categories at the top, per category
+  below), NFE and ms per image, plus `n_test_images` and `n_anomalous`;
+- `complete`, once everything else (plots too) is written: `mark_complete` / `is_complete`.
+Each file is written atomically (beside its target, then moved over it), so a run killed at any
+point leaves whole files or none, and only the marker says that the run finished.
 
 Pixel metrics are exact (maps kept, every pixel sorted) or binned (maps go straight into one
 `ScoreHistogram` per head and category and are dropped), so memory stays bounded on full test sets.
@@ -16,6 +19,7 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ad_lightning.checkpoint import atomic_path, atomic_write
 from ad_lightning.evaluation.metrics import (
     DefectRegions,
     ScoreHistogram,
@@ -51,6 +56,7 @@ MODE_NOTES = {
     "bins over the category's test score range; exact metrics of scores rounded down to their bin edge)",
 }
 ORACLE_METRICS = ("image_f1max", "pixel_f1max")  # they pick their threshold with the test labels
+COMPLETE = "complete"  # the marker file of a finished run, in its run directory
 
 
 def _world_size() -> int:
@@ -239,10 +245,15 @@ class TestRecorder:
         return metrics
 
     def write(self, out_dir: Path, metrics: dict) -> None:
-        """Write scores.csv and metrics.json into out_dir and print the table (after `compute`)."""
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """Write scores.csv, then metrics.json, into out_dir and print the table (after `compute`).
+
+        Both atomically, metrics.json last, so a metrics.json means a complete scores.csv beside it.
+        A completion marker already in out_dir is removed first: the run is complete again only
+        when `mark_complete` says so."""
+        (out_dir / COMPLETE).unlink(missing_ok=True)
         write_scores_csv(out_dir / "scores.csv", self.merged)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        text = json.dumps(metrics, indent=2) + "\n"
+        atomic_write(out_dir / "metrics.json", lambda f: f.write(text.encode()))
         print("\n" + format_table(metrics))
         print(f"metrics: {out_dir / 'metrics.json'}\nscores:  {out_dir / 'scores.csv'}")
 
@@ -458,9 +469,25 @@ def to_json_safe(obj):
     return obj
 
 
+def mark_complete(run_dir: Path) -> Path:
+    """Mark the run in `run_dir` as finished (report and plots written): writes the marker file
+    `run_dir/complete` holding the UTC time, atomically, and returns it. Call it as the run's last
+    step; a run killed before has no marker, and `is_complete` tells the two apart."""
+    marker = Path(run_dir) / COMPLETE
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds") + "\n"
+    atomic_write(marker, lambda f: f.write(stamp.encode()))
+    return marker
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` finished (`mark_complete`); its report files alone do not say so."""
+    return (Path(run_dir) / COMPLETE).is_file()
+
+
 def write_scores_csv(path: Path, payload: dict) -> None:
+    """scores.csv, atomically: one row per image, `path, label`, then every score column."""
     columns = list(payload["scores"])
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as partial, partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", *columns])
         for i, row in enumerate(payload["rows"]):

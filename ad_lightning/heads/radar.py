@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,12 +24,15 @@ def head_averaged_rows(attention: list[Tensor], layers: list[int] | None) -> lis
     return [a.float().mean(1) for a in chosen]
 
 
-def layer_grid(n: int, size: tuple[int, int]) -> tuple[int, int]:
-    """The (h', w') grid of a layer with n positions inside a feature grid `size` (downsampled by 2^k)."""
-    factor = math.isqrt(size[0] * size[1] // n)
-    if factor * factor * n != size[0] * size[1]:
-        raise ValueError(f"an attention layer with {n} positions does not tile the {size[0]}x{size[1]} feature grid")
-    return size[0] // factor, size[1] // factor
+def layer_grid(n: int, size: tuple[int, int]) -> tuple[int, int, int]:
+    """(h', w', f): the grid of an attention layer with n positions over a feature grid `size`, and its
+    downsampling factor f, the power of two with ceil(h / f) * ceil(w / f) = n. A grid the denoiser
+    padded keeps the positions that cover `size`, so h' * f may exceed h (by less than f)."""
+    for k in range(max(size).bit_length() + 1):  # up to the first f >= h, w (a 1 x 1 grid)
+        height, width = -(-size[0] // 2**k), -(-size[1] // 2**k)
+        if height * width == n:
+            return height, width, 2**k
+    raise ValueError(f"an attention layer with {n} positions does not tile the {size[0]}x{size[1]} feature grid")
 
 
 def kl_rows(rows: Tensor, mean_rows: Tensor) -> Tensor:
@@ -41,11 +43,14 @@ def kl_rows(rows: Tensor, mean_rows: Tensor) -> Tensor:
 
 def attention_map(rows: list[Tensor], mean_rows: list[Tensor], size: tuple[int, int]) -> Tensor:
     """Per query position, the KL divergence of its attention row from the normal mean row, each
-    layer's [B, N] upsampled to the feature grid `size` and summed over layers -> [B, h, w]."""
+    layer's [B, N] upsampled to the region its grid covers, cropped to the feature grid `size` and
+    summed over layers -> [B, h, w]."""
     total = torch.zeros(rows[0].shape[0], *size, device=rows[0].device)
     for a, mean in zip(rows, mean_rows):
-        divergence = kl_rows(a, mean).view(-1, 1, *layer_grid(a.shape[-1], size))  # [B, N] -> [B, 1, h', w']
-        total += F.interpolate(divergence, size=size, mode="bilinear", align_corners=False)[:, 0]
+        height, width, factor = layer_grid(a.shape[-1], size)
+        divergence = kl_rows(a, mean).view(-1, 1, height, width)  # [B, N] -> [B, 1, h', w']
+        covered = F.interpolate(divergence, size=(height * factor, width * factor), mode="bilinear", align_corners=False)
+        total += covered[:, 0, : size[0], : size[1]]  # the region the grid covers, cropped to the feature grid
     return total
 
 

@@ -4,6 +4,9 @@ Layout follows ADM (Dhariwal & Nichol 2021, improved-diffusion): an input conv, 
 with optional self-attention, stride-2 conv down / nearest + conv up between levels, encoder outputs
 concatenated into the decoder, a middle block (res, attention, res) at the coarsest resolution and a
 zero-initialised output conv, so the untrained model predicts eps = 0.
+
+Any feature grid works: one that the levels cannot halve evenly (14 x 14 from 224-pixel images) is
+padded at its bottom and right up to the next multiple, run, and the prediction cropped back.
 """
 
 from __future__ import annotations
@@ -131,10 +134,37 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
+def pad_to_multiple(x: Tensor, factor: int) -> Tensor:
+    """x [B, C, h, w] padded at the bottom and right to [B, C, ceil(h / f) * f, ceil(w / f) * f], f = factor.
+
+    Replicate padding: every padded position copies its nearest feature, so the pad carries no values
+    of its own and the prediction is a function of the unpadded features alone. The real positions
+    still see the copies (near the border through the convolutions, everywhere through attention and
+    GroupNorm statistics), in training as in scoring. Replicate works for any h, w (reflection needs
+    h, w larger than the pad); zeros would put a flat band, unlike any noisy x_t the network sees
+    elsewhere, next to the real border positions.
+    """
+    return F.pad(x, (0, -x.shape[-1] % factor, 0, -x.shape[-2] % factor), mode="replicate")
+
+
+def valid_attention(probs: Tensor, padded: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """One layer's attention over a padded grid, restricted to the query and key positions that cover
+    the unpadded `size` and renormalised over those keys: [B, heads, N, N] -> [B, heads, n, n].
+
+    The layer's downsampling factor f follows from N = (H / f) * (W / f) for the padded (H, W); the
+    covering positions are the top-left ceil(h / f) x ceil(w / f) block of its grid."""
+    factor = math.isqrt(padded[0] * padded[1] // probs.shape[-1])
+    grid = torch.arange(probs.shape[-1], device=probs.device).view(padded[0] // factor, padded[1] // factor)
+    keep = grid[: -(-size[0] // factor), : -(-size[1] // factor)].flatten()  # [n] covering positions
+    probs = probs[:, :, keep][..., keep]  # [B, heads, N, N] -> [B, heads, n, n]
+    return probs / probs.sum(-1, keepdim=True)
+
+
 class UNet(nn.Module):
     """ADM-style UNet eps_theta(x_t, t) for feature maps x [B, C, h, w] and training timesteps t [B]
-    (original indices 0..T-1, long or float). Level 0 is the input resolution; each further level halves it,
-    so h and w must be divisible by 2 ** (len(channel_mult) - 1)."""
+    (original indices 0..T-1, long or float). Level 0 is the input resolution; each further level halves it.
+    If h or w is not divisible by 2 ** (len(channel_mult) - 1), x is padded up to the next multiple
+    (`pad_to_multiple`) and the prediction cropped back to h x w; otherwise nothing is added."""
 
     def __init__(
         self,
@@ -224,22 +254,31 @@ class UNet(nn.Module):
         return [name for name, module in self.named_modules() if isinstance(module, AttentionBlock)]
 
     def _check_input(self, x: Tensor) -> None:
-        factor = 2 ** (self.num_levels - 1)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNet expects features [B, {self.in_channels}, h, w], got {tuple(x.shape)}; "
                 f"build the denoiser with in_channels equal to the backbone's channel count"
             )
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(
-                f"feature map {x.shape[-2]}x{x.shape[-1]} is not divisible by 2**(levels-1) = {factor}; "
-                f"resize the features or use fewer levels (shorter channel_mult)"
-            )
 
     def forward(self, x: Tensor, t: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """eps_theta(x, t) [B, C, h, w]; with `return_attention` also the attention probabilities of every
-        attention layer in forward order, each [B, heads, N, N] with N the positions at its resolution."""
+        attention layer in forward order, each [B, heads, N, N] with N the positions at its resolution
+        (on a padded grid: the positions covering the h x w input, see `valid_attention`)."""
         self._check_input(x)
+        size = tuple(x.shape[-2:])
+        factor = 2 ** (self.num_levels - 1)
+        needs_pad = bool(size[0] % factor or size[1] % factor)
+        if needs_pad:
+            x = pad_to_multiple(x, factor)  # [B, C, h, w] -> [B, C, H, W], multiples of factor
+        eps, attention = self._forward(x, t, return_attention)
+        if needs_pad:
+            eps = eps[..., : size[0], : size[1]]  # [B, C, H, W] -> [B, C, h, w]
+            if return_attention:
+                attention = [valid_attention(a, tuple(x.shape[-2:]), size) for a in attention]
+        return (eps, attention) if return_attention else eps
+
+    def _forward(self, x: Tensor, t: Tensor, return_attention: bool) -> tuple[Tensor, list[Tensor] | None]:
+        """The network on a grid every level can halve: eps [B, C, H, W] and the attention list (or None)."""
         t = torch.broadcast_to(t, x.shape[:1])  # a scalar t serves the whole batch -> [B]
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # [B, 4 * model_channels]
         attention = [] if return_attention else None
@@ -250,5 +289,4 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, attention)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, attention)  # [B, C_h + C_skip, h, w]
-        eps = self.out(h)
-        return (eps, attention) if return_attention else eps
+        return self.out(h), attention

@@ -1,5 +1,10 @@
+import csv
 import json
 import math
+import multiprocessing
+import os
+import signal
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -10,6 +15,8 @@ from ad_lightning.evaluation import report
 from ad_lightning.evaluation.metrics import aupro, pixel_auroc, thresholded
 from ad_lightning.evaluation.report import TestRecorder, build_metrics, merge_payloads
 from ad_lightning.heads.base import Scores
+
+REAL_CSV_WRITER, REAL_FSYNC = csv.writer, os.fsync
 
 
 def batch_of(paths, labels, categories, masks):
@@ -219,3 +226,84 @@ def test_write_and_bad_input(tmp_path):
     batch, results = next(synthetic_batches(0))
     with pytest.raises(ValueError, match="every batch or for none"):
         recorder.add(batch, {"h": Scores(results["h"].score, {})})
+
+
+class DyingWriter:
+    """csv.writer that SIGKILLs its own process once it has written and flushed `rows` rows."""
+
+    def __init__(self, f, rows: int = 10):
+        self.f, self.writer, self.left = f, REAL_CSV_WRITER(f), rows
+
+    def writerow(self, row):
+        self.writer.writerow(row)
+        self.left -= 1
+        if self.left == 0:
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_then_die(out_dir, killed_in: str) -> None:
+    """In a forked child: write a new 100-image report into out_dir and be killed while writing
+    scores.csv (ten rows in) or metrics.json (complete in its temporary file, before it reaches the disk)."""
+    if killed_in == "scores":
+        csv.writer = DyingWriter
+    else:
+        fsyncs = []
+
+        def dying_fsync(fd):  # the first fsync is scores.csv's, the second metrics.json's
+            fsyncs.append(fd)
+            os.kill(os.getpid(), signal.SIGKILL) if len(fsyncs) == 2 else REAL_FSYNC(fd)
+
+        os.fsync = dying_fsync
+    recorder = TestRecorder({"h": 1})
+    rows = [{"path": f"{i}.png", "label": i % 2} for i in range(100)]
+    recorder.merged = {"rows": rows, "scores": {"h": torch.arange(100.0)}}
+    recorder.write(out_dir, {"n_test_images": 100})
+
+
+@pytest.mark.parametrize("killed_in", ["scores", "metrics"])
+def test_a_kill_while_writing_leaves_whole_files_and_no_completion_marker(tmp_path, killed_in):
+    recorder = recorded(synthetic_batches(0), mode="binned")
+    recorder.write(tmp_path, recorder.compute())
+    report.mark_complete(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("scores.csv", "metrics.json")}
+    child = multiprocessing.get_context("fork").Process(target=write_then_die, args=(tmp_path, killed_in))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert (tmp_path / "metrics.json").read_bytes() == before["metrics.json"]
+    scores = (tmp_path / "scores.csv").read_bytes()
+    if killed_in == "scores":
+        assert scores == before["scores.csv"]
+    else:  # scores.csv was complete before metrics.json was begun
+        assert scores.decode().splitlines()[1:3] == ["0.png,0,0", "1.png,1,1"] and len(scores.splitlines()) == 101
+    assert not report.is_complete(tmp_path)  # the rewrite started: the earlier run's marker no longer holds
+
+
+def test_a_writer_failing_half_way_leaves_no_file(tmp_path, monkeypatch):
+    class FailingWriter:
+        def __init__(self, f):
+            self.writer, self.rows = REAL_CSV_WRITER(f), 0
+
+        def writerow(self, row):
+            self.writer.writerow(row)
+            self.rows += 1
+            if self.rows == 10:
+                raise OSError("disk full")
+
+    monkeypatch.setattr(report.csv, "writer", FailingWriter)
+    recorder = recorded(synthetic_batches(0), mode="binned")
+    with pytest.raises(OSError, match="disk full"):
+        recorder.write(tmp_path, recorder.compute())
+    assert list(tmp_path.iterdir()) == []  # neither scores.csv nor metrics.json, no temporary file
+
+
+def test_completion_marker(tmp_path):
+    recorder = recorded(synthetic_batches(0), mode="binned")
+    assert not report.is_complete(tmp_path)
+    recorder.write(tmp_path, recorder.compute())
+    assert not report.is_complete(tmp_path)  # the report alone: plots may still be missing
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    marker = report.mark_complete(tmp_path)
+    assert report.is_complete(tmp_path) and marker.parent == tmp_path
+    assert before <= datetime.fromisoformat(marker.read_text().strip()) <= datetime.now(timezone.utc)

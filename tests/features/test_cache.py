@@ -59,7 +59,7 @@ def encoded(backbone):
 
 @pytest.fixture
 def root(tmp_path, make_mvtec_tree):
-    return make_mvtec_tree(tmp_path / "data", n_train=6, n_test_good=1, defects={"scratch": 1})  # 5 train, 1 val
+    return make_mvtec_tree(tmp_path / "data", n_train=7, n_test_good=1, defects={"scratch": 1})  # 5 train, 2 val
 
 
 def module(root, image_size: int = SIZE, **kwargs) -> MVTecAD:
@@ -225,16 +225,16 @@ def test_hflip_mirrors_are_cached_on_disk_too(root, tmp_path, backbone, encoded)
 
 def test_tiles_are_entries_of_their_own(tmp_path, backbone, encoded, write_image_file):
     parts = tmp_path / "parts"
-    for i in range(3):
+    for i in range(5):
         write_image_file(parts / "gear/train/good" / f"{i}.png", seed=i, size=80)
     write_image_file(parts / "gear/test/good/0.png", seed=50)
-    kwargs = {"image_size": SIZE, "val_fraction": 0.34, "tile_size": 48, "tile_overlap": 8, "eval_batch_size": BATCH}
+    kwargs = {"image_size": SIZE, "val_fraction": 0.4, "tile_size": 48, "tile_overlap": 8, "eval_batch_size": BATCH}
     kwargs |= {"feature_cache": "disk", "cache_dir": str(tmp_path / "cache")}
     make = lambda: Printed3D(parts, "gear", **kwargs)  # noqa: E731
     datamodule = make()
     train = datamodule.cache_features(backbone)
     assert torch.equal(train, extract_features(backbone, datamodule.train_dataset, BATCH))
-    assert len(list(store_of(tmp_path, backbone).dir.glob("*.pt"))) == n_items(datamodule) == 3 * 4  # 4 tiles each
+    assert len(list(store_of(tmp_path, backbone).dir.glob("*.pt"))) == n_items(datamodule) == 5 * 4  # 4 tiles each of 3 train, 2 val images
     touched = datamodule.train_dataset.samples[0].image_path
     os.utime(touched, ns=(0, touched.stat().st_mtime_ns + 10**9))
     encoded.clear()
@@ -290,7 +290,8 @@ def test_benchmark_times_epochs_that_differ_only_in_the_cache(root, mode):
     timer = bench.time_epochs(datamodule, epochs=2, model=model)
     n_train, n_val = len(datamodule.train_dataset), len(datamodule.val_dataset)
     assert len(timer.wall) == len(timer.cpu) == 2 and min(timer.wall + timer.cpu) > 0
-    assert sum(encoded) == (n_train + n_val if mode == "memory" else 3 * n_train)  # setup pass (+ 2 epochs when off)
+    # the setup pass; when off, also 2 epochs of training images and the heads' validation pass at the end
+    assert sum(encoded) == (n_train + n_val if mode == "memory" else 3 * n_train + n_val)
 
 
 @pytest.fixture
@@ -311,7 +312,8 @@ def images_read(monkeypatch):
 def test_fit_with_the_cache_off_reads_the_images_every_epoch(cli_tree, tmp_path, images_read):
     main(["fit", *TINY, "--data.root", str(cli_tree), "--data.feature_cache", "off", "--trainer.max_epochs", "1"])
     n_train, n_val = 18, 2
-    assert len(images_read) == n_train + (n_train + n_val)  # the statistics pass, then the epoch's images
+    # the statistics pass, the epoch's images, then the validation images the heads are calibrated on
+    assert len(images_read) == n_train + (n_train + n_val) + n_val
     assert (tmp_path / "runs/version_0/checkpoints/last.ckpt").is_file()
 
 

@@ -7,7 +7,7 @@ from skimage.filters import threshold_otsu
 
 from ad_lightning.diffusion import linear_alpha_bar
 from ad_lightning.heads import RadarHead, build_head
-from ad_lightning.heads.radar import image_features, kl_rows, layer_grid
+from ad_lightning.heads.radar import attention_map, image_features, kl_rows, layer_grid
 from ad_lightning.models.registry import build_denoiser
 
 A = linear_alpha_bar(1000)
@@ -48,9 +48,37 @@ def test_kl_rows_and_layer_grid_by_hand():
     kl = kl_rows(rows, uniform)
     assert float(kl[0, 0]) == pytest.approx(0.0, abs=1e-6)
     assert float(kl[0, 1]) == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), abs=1e-5)
-    assert layer_grid(64, (16, 16)) == (8, 8) and layer_grid(8, (8, 4)) == (4, 2)
+    assert layer_grid(64, (16, 16)) == (8, 8, 2) and layer_grid(8, (8, 4)) == (4, 2, 2)
+    # padded grids keep the positions covering the features: 14 -> 7 at f = 2, ceil(14 / 4) = 4 at f = 4
+    assert layer_grid(49, (14, 14)) == (7, 7, 2) and layer_grid(16, (14, 14)) == (4, 4, 4)
+    assert layer_grid(4 * 5, (14, 20)) == (4, 5, 4) and layer_grid(1, (14, 20)) == (1, 1, 32)
     with pytest.raises(ValueError, match="tile"):
         layer_grid(7, (16, 16))
+
+
+def test_attention_map_of_a_padded_grid_has_the_feature_grid_shape(net):
+    """14 x 14 features: the tiny denoiser pads to 16 x 16, returns attention over the 7 x 7 and 4 x 4
+    positions that cover the features, and the map comes back 14 x 14."""
+    z0 = torch.randn(3, 8, 14, 14)
+    _, attention = eps_fn_of(net)(z0, torch.zeros(3, dtype=torch.long), return_attention=True)
+    assert [a.shape[-1] for a in attention] == [49, 16, 49, 49]
+    head = build_head("radar")
+    head.fit_train(iter([torch.randn(8, 8, 14, 14)]), eps_fn_of(net), A)
+    m = head.evaluate(z0, eps_fn_of(net), A).map
+    assert m.shape == (3, 14, 14) and torch.isfinite(m).all() and (m > 0).all()
+
+
+def test_attention_map_puts_each_position_where_it_covers():
+    """A layer at factor 4 over 14 x 14 features has 4 x 4 positions covering 16 x 16 (rows 0-3, 4-7,
+    8-11, 12-15). A divergence in its last row of positions reaches, interpolated between position
+    centres (rows 9.5 and 13.5), up to feature row 10 and no higher; stretching the 4 rows over the
+    14 feature rows instead would move the centres and spill into row 9."""
+    rows = torch.full((1, 16, 16), 1 / 16)
+    rows[0, 12:] = torch.eye(16)[12:]  # the last row of positions attends to itself alone
+    m = attention_map([rows], [torch.full((16, 16), 1 / 16)], (14, 14))
+    assert m.shape == (1, 14, 14)
+    assert m[0, :10].abs().max() < 1e-6 and m[0, 10:].min() > 0
+    assert m[0, 10].mean() < m[0, 11].mean() < m[0, 12].mean() < m[0, 13].mean()
 
 
 def test_image_features_are_global_l2_and_local_max():
@@ -60,20 +88,21 @@ def test_image_features_are_global_l2_and_local_max():
     assert float(f[0, 0]) == pytest.approx(9.0) and float(f[0, 1]) == pytest.approx(1.0)  # 9 / 9 cells
 
 
+@pytest.mark.parametrize("size", [(16, 16), (14, 14), (14, 20)])  # 14 is padded by the denoiser
 @pytest.mark.parametrize("kind", ["attention", "noise"])
-def test_fit_then_score_flags_a_corrupted_image(net, kind):
+def test_fit_then_score_flags_a_corrupted_image(net, kind, size):
     torch.manual_seed(1)
-    train = [torch.randn(16, 8, 16, 16) * 0.5 for _ in range(2)]
+    train = [torch.randn(16, 8, *size) * 0.5 for _ in range(2)]
     head = build_head("radar", map=kind, t_r=10)
     # the noise map needs a network whose ||eps|| follows the input: an identity stands in for a trained one
     eps_fn = eps_fn_of(net) if kind == "attention" else (lambda x, t: x)
     head.fit_train(iter(train), eps_fn, A)
     assert head.nfe == 1
-    head.calibrate(head.evaluate(torch.randn(12, 8, 16, 16) * 0.5, eps_fn, A))
-    test = torch.randn(2, 8, 16, 16) * 0.5
+    head.calibrate(head.evaluate(torch.randn(12, 8, *size) * 0.5, eps_fn, A))
+    test = torch.randn(2, 8, *size) * 0.5
     test[1, :, 4:10, 4:10] = 6.0  # a large foreign patch
     score, m = head.score(head.evaluate(test, eps_fn, A))
-    assert m.shape == (2, 16, 16) and score[1] > score[0]
+    assert m.shape == (2, *size) and torch.isfinite(m).all() and score[1] > score[0]
     assert float(head.threshold) == pytest.approx(-float(head.forest.estimator.offset_))
     assert bool(score[1] >= head.threshold)
 

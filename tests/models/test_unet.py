@@ -1,14 +1,20 @@
 """UNet denoiser and the registry of named sizes: shapes, zero init, timestep use, attention probabilities."""
 
+import csv
+import json
 import math
 
 import pytest
 import torch
 
+from ad_lightning.checkpoint import load_checkpoint
+from ad_lightning.cli import main
+from ad_lightning.models import unet
 from ad_lightning.models.registry import DENOISERS, build_denoiser
 from ad_lightning.models.unet import AttentionBlock, UNet, timestep_embedding
 
 SMALL = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=2)
+THREE_LEVELS = {**SMALL, "channel_mult": (1, 2, 2)}  # h, w padded up to multiples of 4
 
 
 @pytest.fixture(autouse=True)
@@ -122,14 +128,10 @@ def test_bfloat16_autocast_gives_finite_output():
     torch.testing.assert_close(attention[0].sum(-1), torch.ones_like(attention[0][..., 0]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("shape", "message"),
-    [((1, 24, 6, 6), "divisible by 2\\*\\*\\(levels-1\\) = 4"), ((1, 23, 8, 8), "in_channels")],
-)
-def test_bad_input_raises_clear_error(shape, message):
-    model = UNet(24, **{**SMALL, "channel_mult": (1, 2, 2)})  # 3 levels: h, w must be multiples of 4
-    with pytest.raises(ValueError, match=message):
-        model(*inputs(*shape))
+def test_bad_input_raises_clear_error():
+    model = UNet(24, **{**SMALL, "channel_mult": (1, 2, 2)})
+    with pytest.raises(ValueError, match="in_channels"):
+        model(*inputs(1, 23, 8, 8))
 
 
 @pytest.mark.parametrize(
@@ -164,3 +166,83 @@ def test_unknown_denoiser_error_lists_the_names():
     with pytest.raises(ValueError, match="huge") as error:
         build_denoiser("huge", in_channels=16)
     assert all(name in str(error.value) for name in DENOISERS)
+
+
+def replicate_by_hand(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """x [B, C, h, w] grown to [B, C, height, width] by repeating its last row and column (index clamping)."""
+    rows = torch.arange(height).clamp(max=x.shape[-2] - 1)
+    cols = torch.arange(width).clamp(max=x.shape[-1] - 1)
+    return x[:, :, rows[:, None], cols[None, :]]
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize(("height", "width"), [(14, 14), (16, 16), (20, 20), (32, 32), (14, 20), (6, 5)])
+def test_registry_denoisers_run_forward_and_backward_on_any_grid(name, height, width):
+    model = perturb_zero_init(build_denoiser(name, in_channels=16))
+    x, t = inputs(2, 16, height, width)
+    x.requires_grad_(True)
+    eps = model(x, t)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    eps.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[..., -1, -1].abs().sum() > 0  # the last row and column learn too
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_padded_grid_predicts_as_its_edge_replicated_multiple_cropped():
+    """14 x 13 runs as 16 x 16 whose extra rows and columns repeat the last real ones: the prediction
+    there is a function of the input alone. It does depend on what the pad holds, as the garbage pad shows."""
+    model = perturb_zero_init(UNet(24, **THREE_LEVELS))
+    x, t = inputs(2, 24, 14, 13)
+    eps = model(x, t)
+    assert eps.shape == (2, 24, 14, 13)
+    assert torch.equal(eps, model(replicate_by_hand(x, 16, 16), t)[..., :14, :13])
+    garbage = replicate_by_hand(x, 16, 16)
+    garbage[..., 14:, :] = 5.0
+    assert not torch.allclose(model(garbage, t)[..., :14, :13], eps, atol=1e-3)
+
+
+def test_multiples_take_the_path_without_padding(monkeypatch):
+    """No pad, crop or attention restriction on a grid the levels halve evenly (its output stays bit-identical)."""
+    model = perturb_zero_init(UNet(24, **THREE_LEVELS))
+    x, t = inputs(2, 24, 16, 12)
+    expected = model(x, t)
+    for name in ("pad_to_multiple", "valid_attention"):
+        monkeypatch.setattr(unet, name, lambda *args, name=name: pytest.fail(f"{name} called on a multiple"))
+    _, attention = model(x, t, return_attention=True)
+    assert torch.equal(model(x, t), expected)
+    assert [a.shape[-1] for a in attention] == [192, 48, 12, 48, 48, 192, 192]  # 16 x 12, 8 x 6, 4 x 3
+
+
+def test_attention_on_a_padded_grid_covers_the_input_and_is_renormalised():
+    model = perturb_zero_init(UNet(24, **SMALL))  # 2 levels: 7 x 5 is padded to 8 x 6
+    x, t = inputs(2, 24, 7, 5)
+    _, attention = model(x, t, return_attention=True)
+    # level 0 keeps the 7 x 5 real positions, level 1 the ceil(7/2) x ceil(5/2) = 4 x 3 that cover them
+    assert [a.shape[-1] for a in attention] == [35, 12, 12, 12, 12, 35, 35]
+    for probs in attention:
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), rtol=0, atol=1e-5)
+    _, full = model(replicate_by_hand(x, 8, 6), t, return_attention=True)  # [2, heads, 48, 48] at level 0
+    real = torch.zeros(8, 6, dtype=torch.bool)
+    real[:7, :5] = True
+    kept = full[0][:, :, real.flatten()][:, :, :, real.flatten()]
+    torch.testing.assert_close(attention[0], kept / kept.sum(-1, keepdim=True))
+
+
+@pytest.mark.slow
+def test_cli_fit_and_test_at_image_size_224(tmp_path, make_mvtec_tree, monkeypatch):
+    """224-pixel images give 14 x 14 features, which the tiny denoiser's levels cannot halve twice."""
+    monkeypatch.chdir(tmp_path)
+    root = make_mvtec_tree(tmp_path / "data", n_train=16, n_test_good=3)
+    args = ["--data", "MVTecAD", "--data.root", str(root), "--data.category", "widget", "--data.image_size", "224"]
+    args += ["--data.train_batch_size", "8", "--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    state = load_checkpoint(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert state["heads.radar.mean_rows_0"].shape == (49, 49)  # 14 x 14 features: 7 x 7 real positions at level 1
+    main(["test", *args, "--ckpt_path", "runs"])
+    metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())
+    assert metrics["n_test_images"] == 7 and metrics["evaluation_resolution"] == [224, 224]
+    for head in ("likelihood", "irf", "radar"):
+        assert 0.0 <= metrics["heads"][head]["image_auroc"] <= 1.0 and 0.0 <= metrics["heads"][head]["pixel_auroc"] <= 1.0
+    with (tmp_path / "runs" / "version_1" / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and all(math.isfinite(float(row[head])) for row in rows for head in ("likelihood", "irf", "radar"))

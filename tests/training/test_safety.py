@@ -13,6 +13,8 @@ from ad_lightning.checkpoint import SafeCheckpointIO, UnsafeCheckpointError, ato
 from ad_lightning.cli import main, resolve_checkpoint
 from ad_lightning.lit import FeatureDDPM, NonFiniteLossError
 
+pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
+
 TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
 TINY += ["--model.heads", "likelihood"]
 
