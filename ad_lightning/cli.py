@@ -159,19 +159,17 @@ def usage() -> str:
     return "\n".join(lines + [f"  {name:<10} {line}" for name, line in COMMANDS.items()])
 
 
-def dispatch(argv: list[str]) -> int:
-    """Run one subcommand; returns the exit status."""
+def dispatch(argv: list[str]) -> int | None:
+    """Run one subcommand; returns the exit status of those that report one (predict, export, download)."""
     command, rest = argv[0], argv[1:]
     if command == "download":  # not a Trainer entry point: fetch and verify a benchmark
         return download.main(rest)
     if command == "benchmark":  # fit + test per category, through this same CLI
-        benchmark.main(rest, cli=lightning_cli)
-        return 0
+        return benchmark.main(rest, cli=lightning_cli)
     if command == "ablate":  # one checkpoint scored under many head settings, no retraining
         from ad_lightning import ablate  # here, not at the top: ablate imports resolve_checkpoint from this module
 
-        ablate.main(rest)
-        return 0
+        return ablate.main(rest)
     if command == "predict":  # new images, no labels: a CSV of decisions and overlays, not a Trainer run
         from ad_lightning import predict  # here, not at the top: predict imports resolve_checkpoint from this module
 
@@ -180,8 +178,7 @@ def dispatch(argv: list[str]) -> int:
         from ad_lightning import export  # here, not at the top: export imports resolve_checkpoint from this module
 
         return export.main(rest)
-    lightning_cli(argv)
-    return 0
+    return lightning_cli(argv)
 
 
 def lightning_cli(argv: list[str]) -> None:
@@ -231,5 +228,5 @@ def main(args: list[str] | None = None) -> None:
         if status is None or debug:
             raise
         print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
-    if status:
+    if status is not None:
         sys.exit(status)

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from ad_lightning.callbacks.visualize import finite_range
+from ad_lightning.rendering import finite_range
 from ad_lightning.cli import resolve_checkpoint
 from ad_lightning.data.images import BadInputError
 from ad_lightning.heads import Scores

@@ -30,6 +30,7 @@ from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
 from ad_lightning.errors import UsageError
 from ad_lightning.heads import HEADS, EnsembleHead, HeadOutput, Scores, build_head, to_image_map
+from ad_lightning.heads.base import at_resolution
 from ad_lightning.models.registry import build_denoiser
 
 
@@ -567,11 +568,6 @@ def float32_maths(device: torch.device):
     """No autocast inside: the heads' statistics (Gaussians, inversion arithmetic, normalisers) stay
     float32 under mixed precision; their network calls re-enter it through `network_autocast`."""
     return torch.autocast(device.type, enabled=False)
-
-
-def at_resolution(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
-    """[B, C, H, W] resized to `size` unless it already has it (tiled test images are native size)."""
-    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode=mode)
 
 
 def batch_size(batch: dict) -> int:

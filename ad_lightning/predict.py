@@ -23,13 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image
 from torch import Tensor
 
-from ad_lightning.callbacks.visualize import OVERLAY_ALPHA, overlay, stored_map_range
+from ad_lightning.rendering import side_by_side_overlay, stored_map_range
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import resolve_checkpoint
 from ad_lightning.data.images import IMAGE_EXTENSIONS, BadFileError, BadInputError, read_image
@@ -202,14 +200,6 @@ def overlay_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def render_overlay(image: Tensor, amap: Tensor, low: float, high: float, cmap: str) -> Image.Image:
-    """The image [3, H, W] beside itself blended with `amap` [H, W] coloured on the fixed range [low, high]."""
-    rgb = image.permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
-    blend = overlay(image, amap, low, high, cmap, OVERLAY_ALPHA)
-    side_by_side = np.concatenate([rgb, blend], axis=1) * 255.0  # [H, W, 3] x 2 -> [H, 2W, 3]
-    return Image.fromarray(side_by_side.round().clip(0, 255).astype(np.uint8))
-
-
 class OverlayWriter:
     """Writes overlays on one colour range for every image: the head's stored normal-validation range
     when it has one (written as they come), else the min/max over all predicted maps (held until `close`)."""
@@ -223,7 +213,7 @@ class OverlayWriter:
         if self.range is None:
             self.pending.append((path, image, amap))
         else:
-            render_overlay(image, amap, *self.range, self.cmap).save(path)
+            side_by_side_overlay(image, amap, *self.range, self.cmap).save(path)
 
     def close(self) -> tuple[float, float] | None:
         """Write held overlays; returns the range used (None when there was nothing to draw)."""

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ad_lightning.cli import main
 from ad_lightning.data.images import BadInputError
-from ad_lightning.predict import COLUMNS, OVERLAY_ALPHA, OverlayWriter, overlay_names, render_overlay
+from ad_lightning.predict import COLUMNS, OverlayWriter, overlay_names
+from ad_lightning.rendering import OVERLAY_ALPHA, side_by_side_overlay
 
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
@@ -155,7 +156,7 @@ def test_overlay_names_are_unique_and_keep_the_extension(tmp_path):
 def test_overlay_blends_the_colour_map_on_a_fixed_range():
     image = torch.full((3, 2, 2), 0.2)
     amap = torch.tensor([[0.0, 1.5], [2.0, 9.0]])  # below, inside, at the top of and above the range [1, 2]
-    pixels = np.asarray(render_overlay(image, amap, 1.0, 2.0, "jet"), dtype=np.float64)
+    pixels = np.asarray(side_by_side_overlay(image, amap, 1.0, 2.0, "jet"), dtype=np.float64)
     assert pixels.shape == (2, 4, 3) and np.all(pixels[:, :2] == round(0.2 * 255))  # left: the image
     jet = colormaps["jet"]([0.0, 0.5, 1.0, 1.0])[:, :3] * 255  # levels clipped to [0, 1]
     expected = (1 - OVERLAY_ALPHA) * 0.2 * 255 + OVERLAY_ALPHA * jet

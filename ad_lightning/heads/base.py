@@ -192,3 +192,8 @@ def to_image_map(feature_map: Tensor, size: tuple[int, int], blur_sigma: float =
         k = 2 * round(4 * blur_sigma) + 1
         maps = gaussian_blur(maps, kernel_size=[k, k], sigma=[blur_sigma, blur_sigma])
     return maps[:, 0]  # [B, 1, H, W] -> [B, H, W]
+
+
+def at_resolution(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """[B, C, H, W] resized to `size` unless it already has it (tiled test images are native size)."""
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode=mode)

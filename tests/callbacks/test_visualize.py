@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from conftest import build_mvtec_tree
 from PIL import Image
 
-from ad_lightning.callbacks.visualize import Example, FixedSample, colorize, heatmap_panels, select, thresholded
+from ad_lightning.rendering import Example, FixedSample, colorize, heatmap_panels, select, thresholded
 from ad_lightning.cli import main
 
 SIZE = 8

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from skimage.filters import threshold_otsu
 
 from ad_lightning.diffusion import linear_alpha_bar
