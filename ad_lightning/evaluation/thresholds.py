@@ -1,4 +1,4 @@
-"""Deployed decision thresholds, fitted on normal validation scores only (METHODS.md section 9).
+"""Deployed decision thresholds, fitted on normal validation scores only (docs/methods.md section 9).
 
 `fit_threshold` takes nothing but normal scores, so test labels cannot leak into the threshold.
 """

@@ -1,4 +1,5 @@
-"""Novelty detectors from scikit-learn (Isolation Forest, LOF, one-class SVM) fitted on normal data.
+"""Novelty detectors from scikit-learn (Isolation Forest, LOF, one-class SVM) fitted on normal data,
+and the operating point of the heads built on them.
 
 The checkpoint holds plain data only (loadable with `weights_only=True`): the normal training
 points the detector was fitted on. The estimator is refitted from them, deterministically (fixed
@@ -15,27 +16,61 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 from torch import Tensor
 
+from ad_lightning.evaluation.thresholds import fit_threshold
 from ad_lightning.heads.base import FittedState
 
 DETECTORS = {
-    "iforest": lambda seed: IsolationForest(n_estimators=200, contamination="auto", random_state=seed),
-    "lof": lambda seed: LocalOutlierFactor(n_neighbors=20, novelty=True, contamination="auto"),
-    "ocsvm": lambda seed: OneClassSVM(kernel="rbf", gamma="scale", nu=0.05),
+    "iforest": lambda seed, contamination: IsolationForest(n_estimators=200, contamination=contamination, random_state=seed),
+    "lof": lambda seed, contamination: LocalOutlierFactor(n_neighbors=20, novelty=True, contamination=contamination),
+    "ocsvm": lambda seed, contamination: OneClassSVM(kernel="rbf", gamma="scale", nu=0.05),
 }
+WITH_CONTAMINATION = ("iforest", "lof")  # the one-class SVM's boundary is set by nu instead
+DECISIONS = ("validation", "detector")
+
+
+def check_contamination(kind: str, contamination: str | float) -> str | float:
+    """`auto` or a fraction in (0, 0.5] (scikit-learn's range), for a detector that has the option."""
+    if contamination == "auto":
+        return contamination
+    if kind not in WITH_CONTAMINATION:
+        raise ValueError(f"contamination applies to {' and '.join(WITH_CONTAMINATION)} only, not {kind}; remove it")
+    if isinstance(contamination, bool) or not isinstance(contamination, (int, float)) or not 0 < contamination <= 0.5:
+        raise ValueError(f"contamination must be 'auto' or a number in (0, 0.5], got {contamination!r}")
+    return float(contamination)
 
 
 class NoveltyDetector(FittedState):
-    """A scikit-learn novelty detector over feature vectors [N, D].
+    """A scikit-learn novelty detector over feature vectors [N, D], with its deployed operating point.
 
     `anomaly_score` is the negated `score_samples` (higher = more anomalous); the detector's own
     decision (`predict` == -1) is `anomaly_score >= threshold` with threshold = -offset_.
+    `contamination` (Isolation Forest, LOF) moves only that boundary: `offset_` becomes the
+    contamination-quantile of the training scores, so about that fraction of the training points is
+    flagged (LOF scores its training points leave-one-out there, so it is approximate).
+
+    `decision` picks the deployed threshold: `validation` (default) calibrates it on normal
+    validation scores like every other head, so all heads are compared at the same false-positive
+    target; `detector` deploys the detector's own boundary (the published rule).
     """
 
-    def __init__(self, kind: str = "iforest", seed: int = 0) -> None:
+    def __init__(
+        self, kind: str = "iforest", seed: int = 0, contamination: str | float = "auto", decision: str = "validation"
+    ) -> None:
         super().__init__()
         if kind not in DETECTORS:
             raise ValueError(f"unknown novelty detector {kind!r}; choose one of {', '.join(DETECTORS)}")
-        self.kind, self.seed = kind, seed
+        if decision not in DECISIONS:
+            raise ValueError(
+                f"decision must be 'validation' (the threshold percentile of normal validation scores) or "
+                f"'detector' (the detector's own boundary), got {decision!r}"
+            )
+        self.contamination = check_contamination(kind, contamination)
+        if self.contamination != "auto" and decision != "detector":
+            raise ValueError(
+                f"contamination {contamination} moves only the detector's own boundary, which decision "
+                f"{decision!r} does not deploy; set `decision: detector` or remove contamination"
+            )
+        self.kind, self.seed, self.decision = kind, seed, decision
         self.register_buffer("points", torch.empty(0, 0, dtype=torch.float64))  # normal training vectors [N, D]
         self._estimator = None
 
@@ -56,7 +91,7 @@ class NoveltyDetector(FittedState):
                 "`fit`; use a checkpoint written by `python -m ad_lightning fit`"
             )
         if self._estimator is None:
-            self._estimator = DETECTORS[self.kind](self.seed).fit(self.points.numpy())
+            self._estimator = DETECTORS[self.kind](self.seed, self.contamination).fit(self.points.numpy())
         return self._estimator
 
     def anomaly_score(self, vectors: Tensor) -> Tensor:
@@ -68,3 +103,7 @@ class NoveltyDetector(FittedState):
     def threshold(self) -> float:
         """The detector's own decision boundary on `anomaly_score`."""
         return -float(np.asarray(self.estimator.offset_).item())
+
+    def decision_threshold(self, normal_scores: Tensor, method: str, q: float) -> float:
+        """The deployed threshold: from normal validation scores (`method`, `q`), or the detector's own."""
+        return self.threshold if self.decision == "detector" else fit_threshold(normal_scores, method, q)

@@ -1,5 +1,6 @@
-"""Statistical baselines (METHODS.md section 7.4): Isolation Forest, LOF and one-class SVM on the
-backbone features averaged over positions. No denoiser (NFE 0), no map, the detector's own decision."""
+"""Statistical baselines (docs/methods.md section 7.4): Isolation Forest, LOF and one-class SVM on the
+backbone features averaged over positions. No denoiser (NFE 0), no map; the deployed threshold is
+calibrated on normal validation images like every head's, or the detector's own (`decision: detector`)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ def pool(z0: Tensor) -> Tensor:
 
 class PooledDetectorHead(Head):
     """A scikit-learn novelty detector (`iforest`, `lof`, `ocsvm`) fitted on pooled normal training
-    features; image score = the detector's anomaly score, decision = the detector's own."""
+    features; image score = the detector's anomaly score. `decision` and `contamination`: see
+    `NoveltyDetector`."""
 
     needs_train_fit = True
 
-    def __init__(self, detector: str = "iforest", seed: int = 0) -> None:
+    def __init__(
+        self, detector: str = "iforest", seed: int = 0, decision: str = "validation", contamination: str | float = "auto"
+    ) -> None:
         super().__init__()
         self.name = detector
-        self.detector = NoveltyDetector(detector, seed)
+        self.detector = NoveltyDetector(detector, seed, contamination, decision)
 
     @property
     def nfe(self) -> int:
@@ -40,4 +44,4 @@ class PooledDetectorHead(Head):
         return HeadOutput(terms={}, map=None, score=self.detector.anomaly_score(pool(z0)).float().to(z0.device))
 
     def decision_threshold(self, normal_scores: Tensor, method: str, q: float) -> float:
-        return self.detector.threshold
+        return self.detector.decision_threshold(normal_scores, method, q)

@@ -1,4 +1,4 @@
-"""Head `radar` (RADAR): one forward pass, attention-based anomaly maps, hard decisions (METHODS.md section 7)."""
+"""Head `radar` (RADAR): one forward pass, attention-based anomaly maps, hard decisions (docs/methods.md section 7)."""
 
 from __future__ import annotations
 
@@ -73,8 +73,10 @@ class RadarHead(Head):
     edge magnitude of ||eps_theta|| per position.
 
     Image decision: an Isolation Forest on (global L2, local max) of the map, fitted on normal
-    training images; image score = its anomaly score. Pixel decision: the Otsu threshold of each
-    map, inside images decided anomalous.
+    training images; image score = its anomaly score, deployed threshold calibrated on normal
+    validation images like every head's (`decision: validation`), or the forest's own boundary
+    (`decision: detector`, the paper's rule, with its `contamination`). Pixel decision: the Otsu
+    threshold of each map, inside images decided anomalous.
     """
 
     name = "radar"
@@ -86,6 +88,8 @@ class RadarHead(Head):
         map: str = "attention",
         layers: list[int] | None = None,
         seed: int = 0,
+        decision: str = "validation",
+        contamination: str | float = "auto",
         num_timesteps: int = 1000,
     ) -> None:
         super().__init__()
@@ -94,7 +98,7 @@ class RadarHead(Head):
         if not 0 <= t_r < num_timesteps:
             raise ValueError(f"radar t_r must be in [0, {num_timesteps - 1}], got {t_r}")
         self.t_r, self.map_kind, self.layers = t_r, map, layers
-        self.forest = NoveltyDetector("iforest", seed)
+        self.forest = NoveltyDetector("iforest", seed, contamination, decision)
         # mean_rows_<l> [N_l, N_l] buffers are created by fit_train (attention maps only)
 
     @property
@@ -148,7 +152,7 @@ class RadarHead(Head):
         return self.forest.anomaly_score(features).float().to(out.map.device), out.map
 
     def decision_threshold(self, normal_scores: Tensor, method: str, q: float) -> float:
-        return self.forest.threshold
+        return self.forest.decision_threshold(normal_scores, method, q)
 
     def pixel_decisions(self, maps: Tensor, anomalous: Tensor) -> Tensor:
         """Pixels at or above their map's Otsu threshold, in images decided anomalous: [B, H, W] bool."""

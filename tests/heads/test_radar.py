@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from skimage.filters import threshold_otsu
@@ -102,7 +103,6 @@ def test_fit_then_score_flags_a_corrupted_image(net, kind, size):
     test[1, :, 4:10, 4:10] = 6.0  # a large foreign patch
     score, m = head.score(head.evaluate(test, eps_fn, A))
     assert m.shape == (2, *size) and torch.isfinite(m).all() and score[1] > score[0]
-    assert float(head.threshold) == pytest.approx(-float(head.forest.estimator.offset_))
     assert bool(score[1] >= head.threshold)
 
 
@@ -133,3 +133,46 @@ def test_unfitted_radar_and_bad_map_say_how_to_fix(net):
         build_head("radar").evaluate(torch.randn(1, 8, 16, 16), eps_fn_of(net), A)
     with pytest.raises(ValueError, match="map"):
         RadarHead(map="gradcam")
+
+
+def fitted_noise_radar(**kwargs) -> tuple[RadarHead, object]:
+    """A radar head on the noise map (an identity stands in for the denoiser), fitted on 64 normal
+    images, with its outputs on 100 held-out normal images."""
+    torch.manual_seed(5)
+    head = build_head("radar", map="noise", **kwargs)
+    identity = lambda x, t: x
+    head.fit_train(iter([torch.randn(64, 4, 8, 8)]), identity, A)
+    return head, head.evaluate(torch.randn(100, 4, 8, 8), identity, A)
+
+
+def test_radar_threshold_is_the_percentile_of_its_own_validation_scores():
+    head, val = fitted_noise_radar()
+    head.calibrate(val, "percentile", 99.0)
+    scores = head.score(val)[0]
+    assert float(head.threshold) == pytest.approx(float(np.percentile(scores.numpy(), 99)))
+    assert int((scores >= head.threshold).sum()) == 1  # 1 % of 100 validation normals
+
+
+def test_radar_decision_detector_deploys_the_forests_boundary_and_contamination():
+    head, val = fitted_noise_radar(decision="detector")
+    head.calibrate(val, "percentile", 99.0)
+    forest = head.forest.estimator
+    features = torch.stack([val.terms["l2"], val.terms["local_max"]], dim=1).numpy()  # [B, 2]
+    flagged = (head.score(val)[0] >= head.threshold).numpy()
+    assert (flagged == (forest.predict(features) == -1)).all() and flagged.sum() > 1
+    head, _ = fitted_noise_radar(decision="detector", contamination=0.1)
+    training = head.forest.anomaly_score(head.forest.points)  # the forest's 64 training images
+    assert abs(float((training >= head.forest.threshold).double().mean()) - 0.1) <= 1 / 64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decision": "otsu"}, "decision must be"),
+        ({"decision": "detector", "contamination": 0.0}, r"contamination must be 'auto' or a number in \(0, 0.5\]"),
+        ({"contamination": 0.2}, "decision: detector"),
+    ],
+)
+def test_bad_radar_decision_options_are_refused_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RadarHead(**kwargs)
