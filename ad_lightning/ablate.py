@@ -2,146 +2,158 @@
 
     python -m ad_lightning ablate --ckpt_path CKPT [--heads likelihood,irf,reconstruction]
         [--steps 1,2,3,5] [--timesteps 0,50,200,500] [--perturbation 0.1,0.2,0.4] --out DIR
+    python -m ad_lightning ablate --ckpt_path CKPT --grid '{irf: {ridge_mode: [absolute, relative]}}' --out DIR
 
-Settings: `likelihood` over steps S x the start index of its inversion grid (`--timesteps`); `irf`
-over t* (`--timesteps`); `reconstruction` over perturbation p x steps S. For every setting the model
-is rebuilt from the checkpoint with that one head, the head is fitted and calibrated on the normal
-train / validation splits (`FeatureDDPM.fit_heads`, as a validation epoch does) and the test split
-is scored by `Trainer.test` (its metrics.json and scores.csv in `DIR/runs/<setting>/`), all in this
-process. Writes `DIR/ablation.csv` (one row per setting: `head, steps, timestep, perturbation`, the
-benchmark's metrics, the sub-scores' image AUROCs, `nfe`, `ms_per_image`) and the plots
-`DIR/<metric>_vs_steps.png` (likelihood and reconstruction) and `DIR/<metric>_vs_timestep.png` (irf).
+Settings: each head sweeps the options it declares (`Head.sweeps`): `likelihood` the start index of its
+inversion grid (`--timesteps`) x steps S, `irf` t* (`--timesteps`), `reconstruction` perturbation p x S.
+`--grid` sweeps any constructor arguments of any heads instead (a YAML/JSON mapping head -> argument ->
+list of values; every combination is a setting). For every setting the model is rebuilt from the
+checkpoint with that one head, the head is fitted and calibrated on the normal train / validation
+splits (`FeatureDDPM.fit_heads`) and the test split is scored by `Trainer.test` (its metrics.json and
+scores.csv in `DIR/runs/<setting>/`), all in this process. Writes `DIR/ablation.csv` (one row per
+setting: `head, steps, timestep, perturbation, args`, the benchmark's metrics with 95 % bootstrap
+intervals of the image and pixel AUROC over test images, the sub-scores' image AUROCs, `nfe`,
+`ms_per_image`) and the plots `DIR/<metric>_vs_steps.png` and `DIR/<metric>_vs_timestep.png`.
 
 The data are the checkpoint's DataModule and arguments; `--data NAME` and `--data.root`,
-`--data.category`, ... override them. The experiments/ scripts reuse this module.
+`--data.category`, ... override them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import itertools
+import json
 import math
-import os
-import platform
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from lightning import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ad_lightning.benchmark import COLUMNS as BENCHMARK_COLUMNS
-from ad_lightning.checkpoint import load_checkpoint
-from ad_lightning.cli import resolve_checkpoint
-from ad_lightning.data import AnomalyDataModule, BadInputError
-from ad_lightning.heads import build_head
-from ad_lightning.evaluation.tables import markdown_table, write_csv
+from ad_lightning.callbacks.wandb import Logger, log_ablation
+from ad_lightning.checkpoint import load_checkpoint, resolve_checkpoint
+from ad_lightning.data import AnomalyDataModule
+from ad_lightning.errors import BadInputError, UsageError
+from ad_lightning.evaluation.bootstrap import bootstrap_image_auroc, category_pixel_draws, interval_of_mean
+from ad_lightning.evaluation.tables import RESULT_COLUMNS, markdown_table, write_csv
+from ad_lightning.heads import HEADS, build_head
+from ad_lightning.inference import datamodule_of, resolve_device
 from ad_lightning.lit import FeatureDDPM, parse_names
-from ad_lightning.predict import resolve_device
 
-HEADS = ("likelihood", "irf", "reconstruction")
-METRICS = tuple(c for c in BENCHMARK_COLUMNS[2:] if c != "ms_per_image")  # image_auroc ... f1
+OPTION_LABELS = {"timesteps": "t", "steps": "S", "perturbation": "p"}  # how a swept option appears in a setting name
+METRICS = tuple(c for c in RESULT_COLUMNS[2:] if c != "ms_per_image")  # image_auroc ... f1
+INTERVALS = ("image_auroc_low", "image_auroc_high", "pixel_auroc_low", "pixel_auroc_high")  # 95 % bootstrap
 TERMS = ("nll", "sp", "prior")  # sub-scores reported as `<term>_image_auroc`: likelihood's nll, sp; irf's prior
-SETTING = ("head", "steps", "timestep", "perturbation")
-COLUMNS = (*SETTING, *METRICS, *(f"{t}_image_auroc" for t in TERMS), "nfe", "ms_per_image")
+SETTING = ("head", "steps", "timestep", "perturbation", "args")
+COLUMNS = (*SETTING, *METRICS, *INTERVALS, *(f"{t}_image_auroc" for t in TERMS), "nfe", "ms_per_image")
 PLOT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
-SUMMARY = (*SETTING, "image_auroc", "pixel_auroc", "aupro", "f1", "nfe", "ms_per_image")  # the columns printed
+SUMMARY = (*SETTING, "image_auroc", "image_auroc_low", "image_auroc_high", "pixel_auroc", "aupro", "f1", "nfe",
+           "ms_per_image")  # fmt: skip
 DATA_OPTIONS = ("root", "category", "image_size", "eval_batch_size", "num_workers")  # --data.<option>
-DEFAULT_DATA = "ad_lightning.data.Demo"  # for a checkpoint that names no DataModule
-DEMO_CATEGORY = "fabric"  # what the experiments train on by default
+BOOTSTRAP = 1000  # resamples of the test images per interval
+
+
+def sweeps(head: str) -> dict[str, str]:
+    """The ablate options a head sweeps -> its constructor arguments (`Head.sweeps`), outermost first."""
+    return dict(getattr(HEADS.get(head), "sweeps", {}))
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One head configuration to score. `timestep`: likelihood's grid start, or irf's t*."""
+    """One head configuration to score: `values` are (ablate option or constructor argument, value) pairs,
+    in nesting and naming order; options map to arguments through the head's `sweeps`."""
 
     head: str
-    steps: int | None = None
-    timestep: int | None = None
-    perturbation: float | None = None
+    values: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def of(cls, head: str, **values) -> Setting:
+        return cls(head, tuple(values.items()))
 
     @property
     def head_args(self) -> dict:
         """The head's constructor arguments this setting changes."""
-        if self.head == "likelihood":
-            return {"steps": self.steps, "start": self.timestep}
-        if self.head == "irf":
-            return {"t_star": self.timestep}
-        return {"perturbation": self.perturbation, "steps": self.steps}
+        to_arg = sweeps(self.head)
+        return {to_arg.get(key, key): value for key, value in self.values}
 
     @property
     def name(self) -> str:
-        """Run directory name, e.g. `likelihood_S3_t0`, `irf_t200`, `reconstruction_p0.2_S5`."""
-        parts = {
-            "likelihood": {"S": self.steps, "t": self.timestep},
-            "irf": {"t": self.timestep},
-            "reconstruction": {"p": self.perturbation, "S": self.steps},
-        }[self.head]
-        return "_".join([self.head, *(f"{k}{v:g}" for k, v in parts.items())])
+        """Run directory name, e.g. `likelihood_t0_S3`, `irf_t200`, `irf_ridge_mode=relative`."""
+        label = lambda key: OPTION_LABELS[key] if key in sweeps(self.head) else f"{key}="  # noqa: E731
+        text = lambda v: f"{v:g}" if isinstance(v, float) else str(v).replace(" ", "")  # noqa: E731
+        return "_".join([self.head, *(f"{label(k)}{text(v)}" for k, v in self.values)])
+
+    def columns(self) -> dict:
+        """The setting's CSV columns: the classic options, and any other arguments as JSON in `args`."""
+        values = dict(self.values)
+        other = {k: v for k, v in values.items() if k not in OPTION_LABELS}
+        return {"head": self.head, "steps": values.get("steps"), "timestep": values.get("timesteps"),
+                "perturbation": values.get("perturbation"), "args": json.dumps(other) if other else None}  # fmt: skip
 
 
 @dataclass
 class Result:
-    """One scored setting: its CSV row, and per test image the label [N] and every score column [N]."""
+    """One scored setting: its CSV row; per test image the label [N], category and every score column [N];
+    per category the pixel AUROC bootstrap draws of its head (when it has maps and the data masks)."""
 
     setting: Setting
     row: dict
     labels: Tensor
+    categories: list[str]
     scores: dict[str, Tensor]
+    pixel_draws: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def settings_grid(
     heads: Sequence[str], steps: Sequence[int], timesteps: Sequence[int], perturbations: Sequence[float]
 ) -> list[Setting]:
-    """likelihood: S x start; irf: t*; reconstruction: p x S (in that order, start / p outermost)."""
-    unknown = [h for h in heads if h not in HEADS]
+    """Each head over the options it sweeps, every combination (its first option outermost)."""
+    lists = {"steps": steps, "timesteps": timesteps, "perturbation": perturbations}
+    sweepable = [name for name in HEADS if sweeps(name)]
+    unknown = [h for h in heads if h not in sweepable]
     if unknown:
-        raise BadInputError(f"ablate cannot sweep head(s) {unknown}; set --heads to some of: {', '.join(HEADS)}")
-    grid = {
-        "likelihood": [Setting("likelihood", steps=s, timestep=t) for t in timesteps for s in steps],
-        "irf": [Setting("irf", timestep=t) for t in timesteps],
-        "reconstruction": [Setting("reconstruction", steps=s, perturbation=p) for p in perturbations for s in steps],
-    }
-    return [setting for head in heads for setting in grid[head]]
+        raise UsageError(
+            f"ablate cannot sweep head(s) {unknown} with --steps/--timesteps/--perturbation; set --heads to some "
+            f"of: {', '.join(sweepable)}, or sweep any head's arguments with --grid"
+        )
+    settings = []
+    for head in heads:
+        options = list(sweeps(head))
+        settings += [Setting(head, tuple(zip(options, combo))) for combo in itertools.product(*(lists[o] for o in options))]
+    return settings
+
+
+def grid_settings(grid: dict[str, dict[str, list]]) -> list[Setting]:
+    """`--grid`: head -> argument -> values; every combination of each head's values is a setting."""
+    if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
+        raise UsageError(f"--grid {grid!r} must map heads to {{argument: [values]}}, e.g. '{{irf: {{t_star: [100, 200]}}}}'")
+    settings = []
+    for head, arguments in grid.items():
+        lists = {key: values if isinstance(values, list) else [values] for key, values in arguments.items()}
+        settings += [Setting(head, tuple(zip(lists, combo))) for combo in itertools.product(*lists.values())]
+    return settings
 
 
 def check_settings(settings: Iterable[Setting], num_timesteps: int) -> None:
     """Build every setting's head once, so a bad value stops the run before anything is scored."""
     for setting in settings:
+        if setting.head not in HEADS:
+            raise UsageError(f"ablate setting {setting.name}: unknown head; available: {', '.join(sorted(HEADS))}")
         try:
             build_head(setting.head, num_timesteps=num_timesteps, **setting.head_args)
-        except ValueError as err:
-            raise BadInputError(
+        except (ValueError, TypeError) as err:
+            raise UsageError(
                 f"ablate setting {setting.name} is invalid for T = {num_timesteps}: {err}; "
-                "change --steps, --timesteps or --perturbation"
+                "change --steps, --timesteps, --perturbation or --grid"
             ) from None
-
-
-def load_datamodule(ckpt: dict, name: str | None = None, overrides: dict | None = None) -> AnomalyDataModule:
-    """The checkpoint's DataModule with its arguments, `overrides` on top; `name` (a short name such
-    as `MVTecAD`, or a class path) picks another class, keeping only the checkpoint's image size."""
-    stored = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    stored.pop("_instantiator", None)
-    class_path = stored.pop("_class_path", None) or DEFAULT_DATA
-    if name is not None:
-        wanted = name if "." in name else f"ad_lightning.data.{name}"
-        if wanted != class_path:
-            stored = {k: v for k, v in stored.items() if k == "image_size"}
-        class_path = wanted
-    module, _, cls_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), cls_name, None)
-    except ModuleNotFoundError:
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, AnomalyDataModule)):
-        raise BadInputError(
-            f"--data {name or class_path} is not a DataModule; use e.g. Demo, MVTecAD, VisA or a class path"
-        )
-    return cls(**{**stored, **(overrides or {})})
 
 
 class FeaturesOnce:
@@ -202,14 +214,35 @@ def score_setting(
     trainer.test(model, datamodule=data.datamodule, verbose=False)
     payload = model.test_scores
     labels = torch.tensor([row["label"] for row in payload["rows"]])
-    return Result(setting, setting_row(setting, model.test_metrics["heads"]), labels, payload["scores"])
+    categories = [row["category"] for row in payload["rows"]]
+    pixel_draws = category_pixel_bootstrap(payload, setting.head, categories)
+    row = setting_row(setting, model.test_metrics["heads"], payload["scores"][setting.head], labels, categories)
+    if pixel_draws:
+        interval = interval_of_mean(list(pixel_draws.values()))
+        row["pixel_auroc_low"], row["pixel_auroc_high"] = interval.low, interval.high
+    return Result(setting, row, labels, categories, payload["scores"], pixel_draws)
 
 
-def setting_row(setting: Setting, heads: dict) -> dict:
-    """The CSV row of one setting from metrics.json's `heads` (a metric absent there stays None)."""
+def category_pixel_bootstrap(payload: dict, head: str, categories: list[str]) -> dict[str, np.ndarray]:
+    """Per category, the pixel AUROC bootstrap draws of `head`'s maps (exact pixel mode only; {} otherwise)."""
+    maps, masks = payload["maps"].get(head), payload["masks"]
+    if maps is None or masks is None:
+        return {}
+    groups, draws = np.asarray(categories), {}
+    for name in sorted(set(categories)):
+        index = torch.from_numpy(np.flatnonzero(groups == name))
+        if masks[index].any():  # a category without anomalous pixels has no pixel AUROC
+            draws[name] = category_pixel_draws(maps[index], masks[index], name, BOOTSTRAP)
+    return draws
+
+
+def setting_row(setting: Setting, heads: dict, scores: Tensor, labels: Tensor, categories: list[str]) -> dict:
+    """The CSV row of one setting from metrics.json's `heads` (a metric absent there stays None), with
+    the bootstrap interval of its image AUROC."""
     own = heads[setting.head]
-    row = dict(zip(SETTING, (setting.head, setting.steps, setting.timestep, setting.perturbation)))
-    row.update({metric: own.get(metric) for metric in METRICS})
+    row = {**setting.columns(), **{metric: own.get(metric) for metric in METRICS}}
+    interval = bootstrap_image_auroc(scores, labels, categories, BOOTSTRAP)
+    row["image_auroc_low"], row["image_auroc_high"] = interval.low, interval.high
     row.update({f"{t}_image_auroc": heads.get(f"{setting.head}_{t}", {}).get("image_auroc") for t in TERMS})
     return {**row, "nfe": own["nfe"], "ms_per_image": own["ms_per_image"]}
 
@@ -238,7 +271,7 @@ def run_ablation(
     return results, plot_ablation([r.row for r in results], out_dir)
 
 
-# ----- tables and plots --------------------------------------------------------------------------
+# ----- plots --------------------------------------------------------------------------------------
 def line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, log_x: bool = False) -> Path:
     """One line per `series` entry (label -> (x, y)), markers at the points; saved as PNG."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
@@ -267,17 +300,22 @@ def series_by(rows: list[dict], key: str, x: str, y: str, label: str) -> dict[st
 
 
 def plot_ablation(rows: list[dict], out_dir: Path) -> list[Path]:
-    """`<metric>_vs_steps.png`: likelihood (a line per grid start) and reconstruction (a line per p);
-    `<metric>_vs_timestep.png`: irf over t*."""
-    by_head = {head: [r for r in rows if r["head"] == head] for head in HEADS}
+    """`<metric>_vs_steps.png`: a line per head and value of its other swept option, over S;
+    `<metric>_vs_timestep.png`: heads that sweep only a timestep, over it."""
+    classic = [r for r in rows if r["args"] is None]
+    over_steps = [r for r in classic if r["steps"] is not None]
+    over_time = [r for r in classic if r["steps"] is None and r["timestep"] is not None]
     paths = []
     for metric in PLOT_METRICS:
-        if by_head["likelihood"] or by_head["reconstruction"]:
-            series = series_by(by_head["likelihood"], "timestep", "steps", metric, "likelihood, start {}")
-            series |= series_by(by_head["reconstruction"], "perturbation", "steps", metric, "reconstruction, p = {:g}")
+        if over_steps:
+            series = {}
+            for head in dict.fromkeys(r["head"] for r in over_steps):
+                own = [r for r in over_steps if r["head"] == head]
+                key = "timestep" if own[0]["timestep"] is not None else "perturbation"
+                series |= series_by(own, key, "steps", metric, f"{head}, {key} = {{}}")
             paths.append(line_plot(out_dir / f"{metric}_vs_steps.png", series, "steps S (NFE)", metric, log_x=True))
-        if by_head["irf"]:
-            series = series_by(by_head["irf"], "head", "timestep", metric, "irf")
+        if over_time:
+            series = series_by(over_time, "head", "timestep", metric, "{}")
             paths.append(line_plot(out_dir / f"{metric}_vs_timestep.png", series, "t*", metric))
     return paths
 
@@ -300,6 +338,14 @@ def number_list(text: str, kind: type) -> list:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def grid_option(text: str) -> dict:
+    """`--grid` as YAML (JSON is YAML too)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"--grid {text!r} is not YAML/JSON ({err})") from None
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """`--data NAME` and `--data.<option>`: which data to score (default: the checkpoint's)."""
     parser.add_argument("--data", help="DataModule short name or class path (default: the checkpoint's)")
@@ -313,13 +359,16 @@ def data_overrides(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    sweepable = [name for name in HEADS if sweeps(name)]
     parser = argparse.ArgumentParser(prog="python -m ad_lightning ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file, or a directory (its newest *.ckpt)")
-    parser.add_argument("--heads", default=",".join(HEADS), help="heads to sweep (all of: " + ",".join(HEADS) + ")")
+    parser.add_argument("--heads", default=",".join(sweepable), help="heads to sweep (of: " + ",".join(sweepable) + ")")
     parser.add_argument("--steps", type=int_list, default=[1, 2, 3, 5], help="S of likelihood, reconstruction: %(default)s")
     parser.add_argument("--timesteps", type=int_list, default=[0, 50, 200, 500], help="grid start, t*: %(default)s")
     parser.add_argument("--perturbation", type=float_list, default=[0.1, 0.2, 0.4], help="p in (0, 1]: %(default)s")
+    parser.add_argument("--grid", type=grid_option, help="head -> argument -> values, e.g. '{irf: {t_star: [100, 400]}}' "
+                        "(replaces --heads/--steps/--timesteps/--perturbation)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--latency_images", type=int, help="test images timed at batch 1 (default: the checkpoint's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if present")
@@ -330,9 +379,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    settings = settings_grid(parse_names(args.heads), args.steps, args.timesteps, args.perturbation)
+    if args.grid is not None:
+        settings = grid_settings(args.grid)
+    else:
+        settings = settings_grid(parse_names(args.heads), args.steps, args.timesteps, args.perturbation)
     ckpt_path = resolve_checkpoint(args.ckpt_path)
-    datamodule = load_datamodule(load_checkpoint(ckpt_path, mmap=True), args.data, data_overrides(args))
+    datamodule = datamodule_of(load_checkpoint(ckpt_path, mmap=True), args.data, data_overrides(args), ckpt_path)
     overrides = {} if args.latency_images is None else {"latency_images": args.latency_images}
     results, plots = run_ablation(ckpt_path, settings, datamodule, args.out, resolve_device(args.device), overrides)
     rows = [r.row for r in results]
@@ -345,77 +397,7 @@ def main(argv: list[str]) -> None:
 def log_to_wandb(rows: list[dict], plots: list[Path], out_dir: Path, ckpt_path: Path) -> None:
     """The ablation table, its plots and line plots of each plotted metric over steps and timestep, as one
     W&B run under out_dir/wandb (offline without credentials, see callbacks/wandb.py)."""
-    from ad_lightning.callbacks.wandb import Logger, log_ablation  # W&B only when asked for
-
     logger = Logger(save_dir=str(out_dir), name=f"ablate-{ckpt_path.stem}")
-    swept = {row["head"] for row in rows}
-    axes = [x for x, heads in (("steps", {"likelihood", "reconstruction"}), ("timestep", {"irf"})) if heads & swept]
+    axes = [x for x in ("steps", "timestep") if any(r[x] is not None for r in rows)]
     log_ablation(logger, rows, {p.stem: p for p in plots}, lines=[(x, m) for x in axes for m in PLOT_METRICS])
     logger.finalize("success")
-
-
-# ----- shared by the experiments/ scripts ----------------------------------------------------------
-def add_experiment_args(parser: argparse.ArgumentParser, epochs: int, steps: list[int]) -> None:
-    """Data, model and output options every experiment script takes."""
-    parser.add_argument("--root", help="an MVTec-layout root (default: the built-in demo set)")
-    parser.add_argument("--category", help=f"one category (default: the checkpoint's, or demo {DEMO_CATEGORY})")
-    parser.add_argument("--ckpt_path", help="a trained model; without it a short tiny model is trained first")
-    parser.add_argument("--epochs", type=int, default=epochs, help="epochs of that short training")
-    parser.add_argument("--image_size", type=int, default=128, help="image size of that short training")
-    parser.add_argument("--steps", type=int_list, default=steps, help="S values, e.g. 3,5,10,50")
-    parser.add_argument("--latency_images", type=int, default=0, help="test images timed at batch 1 (0: batched time)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, help="torch threads (default: 1 on a busy CPU, else torch's choice)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-
-
-def train_short(args: argparse.Namespace) -> str:
-    """Fit a `tiny` model (likelihood head only, `args.epochs` epochs) into `args.out/fit`; its checkpoint."""
-    from ad_lightning.cli import main as cli  # the same entry point as `python -m ad_lightning fit`
-
-    if args.root is not None and args.category is None:
-        raise BadInputError(f"--root {args.root} needs --category: the one category to train and score")
-    data = ["--data", "Demo"] if args.root is None else ["--data", "MVTecAD", "--data.root", str(args.root)]
-    logs = ["--trainer.logger.init_args.save_dir", str(args.out), "--trainer.logger.init_args.version", "fit"]
-    cli(["fit", *data, "--data.category", args.category or DEMO_CATEGORY, "--data.image_size", str(args.image_size),
-         "--model.denoiser", "tiny", "--model.heads", "likelihood", "--trainer.max_epochs", str(args.epochs),
-         "--trainer.default_root_dir", str(args.out), "--trainer.enable_progress_bar", "false", *logs])  # fmt: skip
-    return str(args.out / "fit" / "checkpoints" / "last.ckpt")
-
-
-def prepare_experiment(args: argparse.Namespace) -> tuple[str, AnomalyDataModule, torch.device]:
-    """(checkpoint, its data, device): the given checkpoint or a freshly trained short one; prints
-    what is measured (data, category, image size, epochs, machine)."""
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads or threads_for_load())
-    trained = args.ckpt_path is None
-    ckpt_path = train_short(args) if trained else resolve_checkpoint(args.ckpt_path)
-    ckpt = load_checkpoint(ckpt_path, mmap=True)
-    overrides = {"root": args.root, "category": args.category}
-    datamodule = load_datamodule(ckpt, None, {k: v for k, v in overrides.items() if v is not None})
-    device = resolve_device(args.device)
-    source = f"trained here, a short run of {args.epochs} epoch(s)" if trained else "given"
-    print(
-        f"measured: data {datamodule.root} ({type(datamodule).__name__}), category {datamodule.category}, "
-        f"image size {datamodule.image_size}; model {ckpt['hyper_parameters'].get('denoiser')} {source} "
-        f"({ckpt['global_step']} training steps): {ckpt_path}\n"
-        f"machine:  {machine()}, device {device}",
-        flush=True,
-    )
-    return ckpt_path, datamodule, device
-
-
-def threads_for_load() -> int:
-    """One torch thread when the CPU is busier than its cores (1-minute load average >= CPU count), else
-    torch's default. On the shared 2-core machine under load 5 to 7, two threads per process made a
-    short training about 10x slower than one (oversubscribed cores)."""
-    return 1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else torch.get_num_threads()
-
-
-def machine() -> str:
-    """CPU count and load, platform, torch version and threads, for the record next to a measurement."""
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"{os.cpu_count()} CPU cores (load average {load}), {platform.platform()}, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
-    )

@@ -21,12 +21,7 @@ from pathlib import Path
 
 from ad_lightning.checkpoint import atomic_path
 from ad_lightning.evaluation.report import is_complete, nan_mean
-from ad_lightning.evaluation.tables import markdown_table, write_csv
-
-COLUMNS = (
-    "category", "head", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-    "pixel_f1max", "aupro", "accuracy", "precision", "recall", "f1", "ms_per_image",
-)  # fmt: skip
+from ad_lightning.evaluation.tables import RESULT_COLUMNS, markdown_table, write_csv
 
 
 def run_category(cli: Callable[[list[str]], None], category: str, out_dir: Path, passthrough: list[str]) -> None:
@@ -41,7 +36,7 @@ def run_category(cli: Callable[[list[str]], None], category: str, out_dir: Path,
 def category_rows(category: str, metrics: dict) -> list[dict]:
     """One row per score column of a category's metrics.json (mean over its categories = itself)."""
     return [
-        {"category": category, "head": head, **{c: values.get(c) for c in COLUMNS[2:]}}
+        {"category": category, "head": head, **{c: values.get(c) for c in RESULT_COLUMNS[2:]}}
         for head, values in metrics["heads"].items()
     ]
 
@@ -52,7 +47,7 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     for head in dict.fromkeys(r["head"] for r in rows):
         own = [r for r in rows if r["head"] == head]
         row = {"category": "mean", "head": head}
-        for column in COLUMNS[2:]:
+        for column in RESULT_COLUMNS[2:]:
             mean = nan_mean([r[column] for r in own if r[column] is not None])
             row[column] = None if math.isnan(mean) else mean
         means.append(row)
@@ -62,9 +57,9 @@ def mean_rows(rows: list[dict]) -> list[dict]:
 def write_tables(rows: list[dict], out: Path) -> None:
     """`out` (CSV) and the Markdown table beside it, each atomically: a kill leaves the old or the new one."""
     with atomic_path(out) as partial:
-        write_csv(partial, rows, COLUMNS)
+        write_csv(partial, rows, RESULT_COLUMNS)
     with atomic_path(out.with_suffix(".md")) as partial:
-        partial.write_text(markdown_table(rows, COLUMNS, missing="n/a") + "\n")
+        partial.write_text(markdown_table(rows, RESULT_COLUMNS, missing="n/a") + "\n")
 
 
 def main(argv: list[str], cli: Callable[[list[str]], None]) -> None:

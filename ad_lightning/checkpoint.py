@@ -67,6 +67,37 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def resolve_checkpoint(path: str | None, root: str | Path = "runs", missing_last_ok: bool = False) -> str | None:
+    """The checkpoint file `path` stands for, checked to load weights-only (`UnsafeCheckpointError` if not).
+
+    A directory stands for the newest `*.ckpt` below it (e.g. `--ckpt_path runs`); `last` for the
+    newest `last.ckpt` below `root` (each run writes into a new version directory, where Lightning's
+    own `last` would find nothing and silently start from scratch). With `missing_last_ok` (resuming
+    `fit`) a missing `last` means a fresh start, said out loud.
+    """
+    if path is None:
+        return None
+    if path == "last":
+        found = sorted(Path(root).rglob("last.ckpt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
+        if not found and missing_last_ok:
+            print(f"no last.ckpt under {root}: starting from scratch")
+            return None
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}; train with `python -m ad_lightning fit`")
+    elif Path(path).is_dir():
+        found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no *.ckpt file under {path}; train one with `python -m ad_lightning fit` first")
+    else:
+        found = [Path(path)]
+    if not found[-1].is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .ckpt file, a directory of runs or `last`")
+    load_checkpoint(found[-1], mmap=True)  # refuses a file that needs arbitrary unpickling, before anything else reads it
+    if str(found[-1]) != path:
+        print(f"checkpoint: {found[-1]}")
+    return str(found[-1])
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic saves and weights-only loads (the Trainer's default
     here, set in configs/default.yaml)."""

@@ -1,4 +1,6 @@
-"""Command line: `python -m ad_lightning fit|validate|test` (LightningCLI), and `predict`, `benchmark`, `download`.
+"""Command line: `python -m ad_lightning <command>`: `fit`, `validate`, `test` through LightningCLI, and
+`predict`, `benchmark`, `ablate`, `export`, `download` (each its own module). A leaf: nothing in the
+package imports it.
 
 Defaults (ad_lightning/configs/default.yaml) train the `tiny` denoiser on the built-in demo set,
 so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by short name
@@ -16,8 +18,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from ad_lightning import benchmark
-from ad_lightning.checkpoint import UnsafeCheckpointError, load_checkpoint
+from ad_lightning import ablate, benchmark, export, predict
+from ad_lightning.checkpoint import UnsafeCheckpointError, load_checkpoint, resolve_checkpoint
 from ad_lightning.data import AnomalyDataModule, BadInputError, download
 from ad_lightning.data.download import DownloadError
 from ad_lightning.errors import UsageError
@@ -34,37 +36,6 @@ from ad_lightning.run_config import (
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's own `predict` is replaced by ad_lightning.predict
-
-
-def resolve_checkpoint(path: str | None, root: str | Path = "runs", missing_last_ok: bool = False) -> str | None:
-    """The checkpoint file `path` stands for, checked to load weights-only (`UnsafeCheckpointError` if not).
-
-    A directory stands for the newest `*.ckpt` below it (e.g. `--ckpt_path runs`); `last` for the
-    newest `last.ckpt` below `root` (each run writes into a new version directory, where Lightning's
-    own `last` would find nothing and silently start from scratch). With `missing_last_ok` (resuming
-    `fit`) a missing `last` means a fresh start, said out loud.
-    """
-    if path is None:
-        return None
-    if path == "last":
-        found = sorted(Path(root).rglob("last.ckpt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
-        if not found and missing_last_ok:
-            print(f"no last.ckpt under {root}: starting from scratch")
-            return None
-        if not found:
-            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}; train with `python -m ad_lightning fit`")
-    elif Path(path).is_dir():
-        found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"no *.ckpt file under {path}; train one with `python -m ad_lightning fit` first")
-    else:
-        found = [Path(path)]
-    if not found[-1].is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .ckpt file, a directory of runs or `last`")
-    load_checkpoint(found[-1], mmap=True)  # refuses a file that needs arbitrary unpickling, before anything else reads it
-    if str(found[-1]) != path:
-        print(f"checkpoint: {found[-1]}")
-    return str(found[-1])
 
 
 class ADLightningCLI(LightningCLI):
@@ -167,16 +138,10 @@ def dispatch(argv: list[str]) -> int | None:
     if command == "benchmark":  # fit + test per category, through this same CLI
         return benchmark.main(rest, cli=lightning_cli)
     if command == "ablate":  # one checkpoint scored under many head settings, no retraining
-        from ad_lightning import ablate  # here, not at the top: ablate imports resolve_checkpoint from this module
-
         return ablate.main(rest)
     if command == "predict":  # new images, no labels: a CSV of decisions and overlays, not a Trainer run
-        from ad_lightning import predict  # here, not at the top: predict imports resolve_checkpoint from this module
-
         return predict.main(rest)
     if command == "export":  # one head's scoring graph as an ONNX file that `predict` can run
-        from ad_lightning import export  # here, not at the top: export imports resolve_checkpoint from this module
-
         return export.main(rest)
     return lightning_cli(argv)
 

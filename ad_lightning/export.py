@@ -17,20 +17,15 @@ import warnings
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from ad_lightning.rendering import finite_range
-from ad_lightning.cli import resolve_checkpoint
-from ad_lightning.data.images import BadInputError
-from ad_lightning.heads import Scores
+from ad_lightning.checkpoint import atomic_path, resolve_checkpoint
+from ad_lightning.errors import UsageError
+from ad_lightning.heads import HEADS
+from ad_lightning.inference import DEFAULT_IMAGE_SIZE, ONNX_FORMAT, ONNX_INPUT, ONNX_OUTPUTS, OnnxScorer, fitted_head, load_model
 from ad_lightning.lit import FeatureDDPM
-from ad_lightning.predict import DEFAULT_IMAGE_SIZE, fitted_head, load_model
 
-EXPORTABLE = ("likelihood", "irf")  # deterministic tensor maths only: no seeded noise field, no scikit-learn
-FORMAT = "ad_lightning-scoring-1"  # metadata `format`: what `OnnxScorer` reads
-INPUT, OUTPUTS = "image", ["score", "map"]
 OPSET = 17
 VERIFY_IMAGES = 2
 VERIFY_TOLERANCE = 1e-4  # max |onnx - eager|, relative to max(1, |eager|)
@@ -50,45 +45,16 @@ class ScoringGraph(nn.Module):
         return scores.score, scores.maps
 
 
-class OnnxScorer:
-    """An exported scoring graph run by onnxruntime: images [B, 3, H, W] -> the head's `Scores`
-    (no terms), with what `predict` needs from the metadata: `head`, `image_size`, `threshold`,
-    `map_range` (None when not calibrated)."""
-
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        self.path = Path(path)
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers(torch.device(device)))
-        except Exception as err:  # onnxruntime raises its own untyped errors for unreadable files
-            raise BadInputError(f"{path} is not a readable ONNX file ({err}); export one with `export`") from err
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("format") != FORMAT:
-            raise BadInputError(
-                f"{path} is not an ad_lightning scoring export (metadata format {meta.get('format')!r}, "
-                f"expected {FORMAT!r}); export one with `python -m ad_lightning export --ckpt_path CKPT --head irf`"
-            )
-        self.head, self.image_size, self.threshold = meta["head"], int(meta["image_size"]), float(meta["threshold"])
-        self.map_range = finite_range(float(meta["map_low"]), float(meta["map_high"]))
-
-    def __call__(self, images: Tensor) -> Scores:
-        score, maps = self.session.run(OUTPUTS, {INPUT: images.detach().float().cpu().numpy()})
-        return Scores(torch.from_numpy(score), {}, torch.from_numpy(maps))
-
-
-def providers(device: torch.device) -> list[str]:
-    """onnxruntime's execution provider for `device`, refusing CUDA when this onnxruntime has none."""
-    if device.type == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise RuntimeError("this onnxruntime has no CUDA provider; install onnxruntime-gpu or use --device cpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+def exportable_heads() -> list[str]:
+    """The heads whose scoring is plain tensor maths (no seeded noise field, no scikit-learn): `Head.exportable`."""
+    return [name for name, head in HEADS.items() if getattr(head, "exportable", False)]
 
 
 def check_exportable(head: str, source: str) -> None:
     """Refuse a head that has no ONNX graph, naming the ones that do."""
-    if head not in EXPORTABLE:
-        raise BadInputError(
-            f"head {head!r} cannot be exported to ONNX; exportable heads: {', '.join(EXPORTABLE)} "
+    if head not in exportable_heads():
+        raise UsageError(
+            f"head {head!r} cannot be exported to ONNX; exportable heads: {', '.join(exportable_heads())} "
             "(reconstruction draws a seeded noise field, radar and the pooled detectors score with scikit-learn); "
             f"score {head!r} with the checkpoint: `python -m ad_lightning predict --ckpt_path {source} --head {head}`"
         )
@@ -102,16 +68,10 @@ def export_onnx(model: FeatureDDPM, head: str, out: Path, image_size: int, sourc
     fitted_head(model, head, source)  # in the model, and calibrated
     graph = ScoringGraph(model.eval(), head)
     probe = torch.rand(VERIFY_IMAGES, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with atomic_path(out) as partial:  # removed unless every step below succeeds
         trace(graph, probe, partial)
         write_metadata(partial, model, head, image_size, source)
-        differences = compare(graph, OnnxScorer(partial), probe)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(out)
+        differences = compare(graph, OnnxScorer.open(partial), probe)
     return differences
 
 
@@ -123,8 +83,8 @@ def trace(graph: ScoringGraph, probe: Tensor, path: Path) -> None:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # a slice left unfolded
         torch.onnx.export(
-            graph, (probe,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
-            output_names=OUTPUTS, dynamic_axes={name: {0: "batch"} for name in [INPUT, *OUTPUTS]},
+            graph, (probe,), str(path), dynamo=False, opset_version=OPSET, input_names=[ONNX_INPUT],
+            output_names=ONNX_OUTPUTS, dynamic_axes={name: {0: "batch"} for name in [ONNX_INPUT, *ONNX_OUTPUTS]},
         )  # fmt: skip
 
 
@@ -132,7 +92,7 @@ def write_metadata(path: Path, model: FeatureDDPM, head: str, image_size: int, s
     """Store what `predict` needs in the ONNX file's metadata_props."""
     fitted = model.heads[head]
     props = {
-        "format": FORMAT,
+        "format": ONNX_FORMAT,
         "head": head,
         "image_size": str(image_size),
         "threshold": repr(float(fitted.threshold)),
@@ -172,7 +132,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ad_lightning export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file, or a directory (its newest *.ckpt)")
-    parser.add_argument("--head", required=True, help=f"the head to export: {' or '.join(EXPORTABLE)}")
+    parser.add_argument("--head", required=True, help=f"the head to export: {' or '.join(exportable_heads())}")
     parser.add_argument("--out", type=Path, help="the ONNX file (default: <checkpoint>_<head>.onnx beside it)")
     parser.add_argument("--image_size", type=int, help="N x N input (default: the training image size)")
     args = parser.parse_args(argv)
@@ -188,7 +148,7 @@ def main(argv: list[str]) -> int:
     ckpt_path = resolve_checkpoint(args.ckpt_path)
     model, data_hparams = load_model(ckpt_path, torch.device("cpu"))
     if data_hparams.get("tile_size") is not None:
-        raise BadInputError(
+        raise UsageError(
             f"{ckpt_path} was trained on tiles; an export scores whole images at one size. Score it with the "
             f"checkpoint: `python -m ad_lightning predict --ckpt_path {ckpt_path} --head {args.head}`"
         )

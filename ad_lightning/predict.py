@@ -9,7 +9,8 @@ order) and, for heads with an anomaly map, `<out>/overlays/*.png`: the image bes
 blended with its map, on one colour range for all images. An unreadable image gets a row with the
 reason and no score; the others are still scored and the exit status is 1 at the end.
 `--ckpt_path` may also be a `.onnx` file written by `python -m ad_lightning export`: onnxruntime
-scores with it, at the head and image size it was exported for.
+scores with it, at the head and image size it was exported for (so `--head` is not needed).
+Scoring goes through the Python API (`ad_lightning.Detector`), the code `test` scores with.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +27,11 @@ import torch
 from matplotlib import colormaps
 from torch import Tensor
 
-from ad_lightning.rendering import side_by_side_overlay, stored_map_range
-from ad_lightning.checkpoint import load_checkpoint
-from ad_lightning.cli import resolve_checkpoint
-from ad_lightning.data.images import IMAGE_EXTENSIONS, BadFileError, BadInputError, read_image
+from ad_lightning.api import Detector
+from ad_lightning.data.images import IMAGE_EXTENSIONS, BadFileError
 from ad_lightning.evaluation.thresholds import is_anomalous
-from ad_lightning.heads import Head, Scores
-from ad_lightning.lit import FeatureDDPM
+from ad_lightning.rendering import side_by_side_overlay
 
-DEFAULT_IMAGE_SIZE = 256  # when neither --image_size nor the checkpoint gives one
 COLUMNS = ("path", "score", "decision", "error", "overlay")
 
 
@@ -59,6 +55,8 @@ def find_images(spec: str) -> list[Path]:
     else:
         candidates = map(Path, glob.glob(os.path.expanduser(spec), recursive=True))
     images = sorted(p for p in candidates if p.is_file() and is_image_name(p))
+    if not images and not path.exists() and not glob.has_magic(spec):
+        raise FileNotFoundError(f"--data.path {spec!r} does not exist; give a directory of images or a quoted glob pattern")
     if not images:
         kinds = "/".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(
@@ -72,114 +70,26 @@ def is_image_name(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
-    return torch.device(name)
-
-
-def load_model(ckpt_path: str, device: torch.device) -> tuple[FeatureDDPM, dict]:
-    """The trained model in eval mode on `device`, and the training datamodule's hyper-parameters.
-
-    The checkpoint holds the backbone weights, so the backbone is built without resolving
-    pretrained weights (no hub probe, works offline)."""
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass a .ckpt file or a directory of runs")
-    peek = load_checkpoint(ckpt_path, mmap=True)  # hparams only, no copy
-    return FeatureDDPM.from_checkpoint(ckpt_path, device).eval(), dict(peek.get("datamodule_hyper_parameters") or {})
-
-
-def fitted_head(model: FeatureDDPM, name: str, ckpt_path: str) -> Head:
-    """`model.heads[name]`, refusing unknown heads and heads whose threshold was never fitted."""
-    if name not in model.heads:
-        raise BadInputError(f"unknown head {name!r} in {ckpt_path}; set --head to one of: {', '.join(model.heads)}")
-    head = model.heads[name]
-    if math.isnan(float(head.threshold)):
-        raise BadInputError(
-            f"head {name!r} in {ckpt_path} has no fitted threshold (NaN): thresholds are fitted on the normal "
-            "validation split during `python -m ad_lightning fit`; use a checkpoint written after validation"
-        )
-    return head
-
-
-@dataclass
-class Scorer:
-    """What `predict` scores with: one head of a checkpoint, or an exported graph."""
-
-    score: Callable[[Tensor], Scores]  # images [B, 3, H, W] -> the head's Scores
-    threshold: float  # the head's deployed decision threshold
-    map_range: tuple[float, float] | None  # its maps' normal-validation range, when stored
-    size: int  # the image size it scores at
-    tiled: bool = False  # trained on tiles: tiles are cut from the native image, one image a batch
-
-
-def checkpoint_scorer(ckpt_path: str, head: str, image_size: int | None, device: torch.device) -> Scorer:
-    """One head of a trained checkpoint, on the fast inference path (`prepare_inference`)."""
-    model, data_hparams = load_model(ckpt_path, device)
-    fitted = fitted_head(model, head, ckpt_path)
-    model.prepare_inference()
-    size = image_size or data_hparams.get("image_size") or DEFAULT_IMAGE_SIZE
-    scorer = make_scorer(model, head, data_hparams, size)
-    tiled = data_hparams.get("tile_size") is not None
-    return Scorer(scorer, float(fitted.threshold), stored_map_range(fitted), size, tiled)
-
-
-def exported_scorer(path: str, head: str, image_size: int | None, device: torch.device) -> Scorer:
-    """A graph written by `export`, run by onnxruntime; its head and image size are fixed."""
-    from ad_lightning.export import OnnxScorer  # here, not at the top: export imports this module's loaders
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"exported model {path} does not exist; write one with `python -m ad_lightning export`")
-    graph = OnnxScorer(path, device)
-    if head != graph.head:
-        raise BadInputError(
-            f"{path} scores head {graph.head!r}, not {head!r}; pass --head {graph.head} or export {head!r}"
-        )
-    if image_size not in (None, graph.image_size):
-        raise BadInputError(
-            f"{path} was exported for {graph.image_size} x {graph.image_size} images, not {image_size}; drop "
-            f"--image_size or export again with --image_size {image_size}"
-        )
-    return Scorer(graph, graph.threshold, graph.map_range, graph.image_size)
-
-
-def make_scorer(model: FeatureDDPM, head: str, data_hparams: dict, size: int) -> Callable[[Tensor], Scores]:
-    """Images [B, 3, H, W] -> the head's `Scores`; tile by tile (B = 1, native size) when trained on tiles."""
-    tile = data_hparams.get("tile_size")
-    if tile is None:
-        return lambda images: model.score_batch(images, heads=[head])[head]
-    overlap = data_hparams.get("tile_overlap", 0)
-    return lambda images: model.score_tiled(images[0], tile, overlap, size, heads=[head])[head]
-
-
-def predict(
-    paths: list[Path],
-    scorer: Callable[[Tensor], Scores],
-    threshold: float,
-    size: int | None,
-    batch_size: int,
-    device: torch.device,
-) -> Iterator[Prediction]:
-    """One `Prediction` per path, in order, scoring `batch_size` readable images at a time."""
-    for start in range(0, len(paths), batch_size):
-        batch = [read(path, size) for path in paths[start : start + batch_size]]
+def predict(paths: list[Path], detector: Detector, batch_size: int) -> Iterator[Prediction]:
+    """One `Prediction` per path, in order, scoring `batch_size` readable images at a time (one at a
+    time for a model trained on tiles)."""
+    step = 1 if detector.scorer.tiled else batch_size
+    for start in range(0, len(paths), step):
+        batch = [read(path, detector) for path in paths[start : start + step]]
         good = [p for p in batch if not p.error]
         if good:
-            scores = scorer(torch.stack([p.image for p in good]).to(device))  # [B, 3, H, W]
-            anomalous = is_anomalous(scores.score, threshold)  # [B], the rule `test` reports
+            scores = detector.score(torch.stack([p.image for p in good]))  # [B, 3, H, W]
+            anomalous = is_anomalous(scores.score, detector.threshold)  # [B], the rule `test` reports
             for i, p in enumerate(good):
                 p.score, p.anomalous = float(scores.score[i]), bool(anomalous[i])
                 p.amap = None if scores.maps is None else scores.maps[i].float().cpu()
         yield from batch
 
 
-def read(path: Path, size: int | None) -> Prediction:
+def read(path: Path, detector: Detector) -> Prediction:
     """The image as in training, or a `Prediction` carrying why it could not be read."""
     try:
-        return Prediction(path, image=read_image(path, size))
+        return Prediction(path, image=detector.load(path))
     except BadFileError as err:
         return Prediction(path, error=err.reason)
 
@@ -232,7 +142,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ckpt_path", required=True,
                         help="a .ckpt file, a directory (its newest *.ckpt), or an exported .onnx file")  # fmt: skip
     parser.add_argument("--data.path", dest="data_path", required=True, help="image directory or quoted glob")
-    parser.add_argument("--head", required=True, help="the head whose score, threshold and map are used")
+    parser.add_argument("--head", help="the head whose score, threshold and map are used (an .onnx file carries "
+                        "its own; a checkpoint with one head needs none)")
     parser.add_argument("--out", type=Path, default=Path("runs/predict"), help="output directory")
     parser.add_argument("--batch_size", type=int, default=8, help="images scored per forward pass")
     parser.add_argument("--image_size", type=int, help="resize to N x N (default: the training image size)")
@@ -271,33 +182,26 @@ def main(argv: list[str]) -> int:
     """Run `predict`; 0 when every image was scored, 1 when some could not be read."""
     args = parse_args(argv)
     paths = find_images(args.data_path)
-    device = resolve_device(args.device)
-    exported = Path(args.ckpt_path).suffix.lower() == ".onnx"
-    if exported:
-        scorer = exported_scorer(args.ckpt_path, args.head, args.image_size, device)
-    else:
-        scorer = checkpoint_scorer(resolve_checkpoint(args.ckpt_path), args.head, args.image_size, device)
-    size, tiled = scorer.size, scorer.tiled
-    engine = f"{args.head} (exported graph, onnxruntime)" if exported else args.head
-    print(f"predict: {len(paths)} image(s), head {engine}, image size {size}{' (tiles)' * tiled}, device {device}")
+    detector = Detector.from_checkpoint(args.ckpt_path, args.head, args.device, args.image_size)
+    scorer, exported = detector.scorer, Path(args.ckpt_path).suffix.lower() == ".onnx"
+    engine = f"{scorer.head} (exported graph, onnxruntime)" if exported else scorer.head
+    tiles = " (tiles)" * scorer.tiled
+    print(f"predict: {len(paths)} image(s), head {engine}, image size {scorer.image_size}{tiles}, device {args.device}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path, stored_range = args.out / "predictions.csv", scorer.map_range
-    overlays = OverlayWriter(args.out / "overlays", stored_range, args.cmap)
-    with torch.inference_mode():
-        predictions = predict(
-            paths, scorer.score, scorer.threshold, None if tiled else size, 1 if tiled else args.batch_size, device
-        )
-        n_failed, n_overlays = write_predictions(predictions, overlay_names(paths), csv_path, overlays)
+    csv_path = args.out / "predictions.csv"
+    overlays = OverlayWriter(args.out / "overlays", scorer.map_range, args.cmap)
+    predictions = predict(paths, detector, args.batch_size)
+    n_failed, n_overlays = write_predictions(predictions, overlay_names(paths), csv_path, overlays)
     value_range = overlays.close()
 
     print(f"predictions: {csv_path}")
     if n_overlays:
-        source = "the head's normal-validation range" if stored_range else "min/max over these predicted maps"
+        source = "the head's normal-validation range" if scorer.map_range else "min/max over these predicted maps"
         low, high = value_range
         print(f"overlays:    {overlays.directory} ({n_overlays} PNG; map range [{low:.4g}, {high:.4g}], {source})")
     elif n_failed < len(paths):
-        print(f"overlays:    none (head {args.head} makes no anomaly map)")
+        print(f"overlays:    none (head {scorer.head} makes no anomaly map)")
     if n_failed:
         print(f"predict: {n_failed} of {len(paths)} image(s) could not be read; see the error column of {csv_path}")
     return 1 if n_failed else 0

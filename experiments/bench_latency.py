@@ -41,7 +41,7 @@ from ad_lightning.data.images import list_images, read_image
 from ad_lightning.evaluation.timing import StageTimer
 from ad_lightning.heads import build_head
 from ad_lightning.lit import FeatureDDPM
-from ad_lightning.predict import load_model
+from ad_lightning.inference import load_model
 
 IMAGE_SIZE = 256
 BASELINE = "reconstruction"

@@ -8,7 +8,7 @@ and its NLL-only and spatial-norm-only sub-scores) across the same S, all from o
 
 Prints the image AUROC table (a row per S) and the pixel AUROC table; saves them as
 DIR/recon_vs_inversion.md, the figure DIR/recon_vs_inversion.png, and what `ablate` writes
-(DIR/ablation.csv, DIR/runs/<setting>/, the per-metric plots). Expected (InvAD, METHODS.md section 8):
+(DIR/ablation.csv, DIR/runs/<setting>/, the per-metric plots). Expected (InvAD, docs/methods.md section 8):
 reconstruction is poor at small S and depends on p; inversion does not.
 
 Without --ckpt_path a short `tiny` model is trained first (one category, 100 epochs = 500 steps at
@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 
-from ad_lightning.ablate import (
-    add_experiment_args, float_list, line_plot, prepare_experiment, run_ablation, series_by,
-    settings_grid,
-)  # fmt: skip
+from harness import add_experiment_args, prepare_experiment
+
+from ad_lightning.ablate import float_list, line_plot, run_ablation, series_by, settings_grid
 from ad_lightning.evaluation.tables import markdown_table
 
 PERTURBATIONS = (0.1, 0.2, 0.4, 0.6, 0.8)

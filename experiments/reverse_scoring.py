@@ -9,7 +9,7 @@ inversion steps S, from one trained model.
 Prints a table, a row per S: the image AUROC of NLL only, of the spatial norm only and of their
 combination (the `likelihood` score), and the median of each score on normal and anomalous images.
 Saves it as DIR/reverse_scoring.md, the histograms DIR/reverse_scoring.png, and what `ablate` writes.
-Expected (METHODS.md section 5): as S grows, NLL reverses (normal images get the lower likelihood:
+Expected (docs/methods.md section 5): as S grows, NLL reverses (normal images get the lower likelihood:
 AUROC below 0.5) while the spatial norm holds.
 
 Without --ckpt_path a short `tiny` model is trained first (one category, 100 epochs = 500 steps at
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ad_lightning.ablate import (
-    Result, add_experiment_args, prepare_experiment, run_ablation, settings_grid,
-)  # fmt: skip
+from harness import add_experiment_args, prepare_experiment
+
+from ad_lightning.ablate import Result, run_ablation, settings_grid
 from ad_lightning.evaluation.tables import markdown_table
 
 # title -> (per-image score column, the ablation row's image AUROC of it)

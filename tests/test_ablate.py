@@ -10,12 +10,12 @@ import torch
 from conftest import build_mvtec_tree
 
 from ad_lightning import ablate
-from ad_lightning.ablate import (
-    COLUMNS, Setting, check_settings, load_datamodule, number_list, settings_grid,
-)  # fmt: skip
-from ad_lightning.evaluation.tables import markdown_table
+from ad_lightning.ablate import COLUMNS, Setting, check_settings, grid_settings, number_list, settings_grid
 from ad_lightning.cli import main
 from ad_lightning.data import AnomalyDataModule, BadInputError, Demo, MVTecAD
+from ad_lightning.errors import UsageError
+from ad_lightning.evaluation.tables import markdown_table
+from ad_lightning.inference import datamodule_of
 
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
@@ -50,7 +50,7 @@ def ablated(trained, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         original = AnomalyDataModule.cache_features
         mp.setattr(AnomalyDataModule, "cache_features", lambda self, *a: passes.append(1) or original(self, *a))
-        mp.setattr("ad_lightning.callbacks.wandb.log_ablation", lambda *a, **k: logged.append((a, k)))
+        mp.setattr("ad_lightning.ablate.log_ablation", lambda *a, **k: logged.append((a, k)))
         main(["ablate", "--ckpt_path", str(trained / "runs"), "--steps", "1,2", "--timesteps", "0,100",
               "--perturbation", "0.2", "--latency_images", "2", "--device", "cpu", "--wandb", "--out", str(out)])  # fmt: skip
     return out, passes, logged
@@ -71,6 +71,9 @@ def test_one_csv_row_per_setting_in_grid_order(ablated):
     for row in rows:
         for metric in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "accuracy", "f1"):
             assert 0.0 <= float(row[metric]) <= 1.0, (row["head"], metric)
+        for level in ("image", "pixel"):  # the bootstrap interval holds the point estimate
+            low, high = float(row[f"{level}_auroc_low"]), float(row[f"{level}_auroc_high"])
+            assert low <= float(row[f"{level}_auroc"]) <= high
         assert float(row["ms_per_image"]) > 0
     likelihood = [r for r in rows if r["head"] == "likelihood"]
     assert all(r["nll_image_auroc"] != "" and r["sp_image_auroc"] != "" for r in likelihood)
@@ -81,7 +84,7 @@ def test_one_csv_row_per_setting_in_grid_order(ablated):
 def test_rows_are_the_settings_own_test_reports(ablated):
     """Each row holds what that setting's `Trainer.test` wrote (metrics.json), latency at batch 1 included."""
     out, _, _ = ablated
-    grid = settings_grid(list(ablate.HEADS), [1, 2], [0, 100], [0.2])
+    grid = settings_grid(["likelihood", "irf", "reconstruction"], [1, 2], [0, 100], [0.2])
     for setting, row in zip(grid, read_rows(out / "ablation.csv"), strict=True):
         metrics = json.loads((out / "runs" / setting.name / "metrics.json").read_text())
         head = metrics["heads"][row["head"]]
@@ -126,7 +129,7 @@ def test_refitted_default_setting_reproduces_test(trained, tmp_path, monkeypatch
         return {r["path"]: [float(r[c]) for c in ("likelihood", "likelihood_nll", "likelihood_sp")] for r in rows}
 
     tested = scores(next((tmp_path / "runs").rglob("scores.csv")))
-    ablated = scores(out / "runs" / "likelihood_S3_t0" / "scores.csv")
+    ablated = scores(out / "runs" / "likelihood_t0_S3" / "scores.csv")
     assert tested.keys() == ablated.keys() and len(tested) == 8
     for path, values in tested.items():
         assert ablated[path] == pytest.approx(values, rel=1e-4, abs=1e-5), path
@@ -134,7 +137,7 @@ def test_refitted_default_setting_reproduces_test(trained, tmp_path, monkeypatch
 
 def test_bad_settings_stop_before_anything_is_scored(trained, tmp_path):
     out = tmp_path / "never"
-    with pytest.raises(BadInputError, match=r"reconstruction_p1\.5_S1.*--perturbation"):
+    with pytest.raises(UsageError, match=r"reconstruction_p1\.5_S1.*--perturbation"):
         main(["ablate", "--ckpt_path", str(trained / "runs"), "--perturbation", "1.5", "--steps", "1", "--out", str(out)])
     assert not (out / "ablation.csv").exists()
 
@@ -142,24 +145,27 @@ def test_bad_settings_stop_before_anything_is_scored(trained, tmp_path):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        (Setting("likelihood", steps=0, timestep=0), "steps must be >= 1"),
-        (Setting("likelihood", steps=3, timestep=999), "do not fit"),
-        (Setting("likelihood", steps=1, timestep=1000), "start"),
-        (Setting("irf", timestep=1000), "t_star"),
-        (Setting("irf", timestep=-1), "t_star"),
-        (Setting("reconstruction", steps=2, perturbation=0.0), "perturbation"),
-        (Setting("reconstruction", steps=0, perturbation=0.2), "steps"),
-        (Setting("reconstruction", steps=5, perturbation=0.001), "steps must be in"),
+        (Setting.of("likelihood", timesteps=0, steps=0), "steps must be >= 1"),
+        (Setting.of("likelihood", timesteps=999, steps=3), "do not fit"),
+        (Setting.of("likelihood", timesteps=1000, steps=1), "start"),
+        (Setting.of("irf", timesteps=1000), "t_star"),
+        (Setting.of("irf", timesteps=-1), "t_star"),
+        (Setting.of("reconstruction", perturbation=0.0, steps=2), "perturbation"),
+        (Setting.of("reconstruction", perturbation=0.2, steps=0), "steps"),
+        (Setting.of("reconstruction", perturbation=0.001, steps=5), "steps must be in"),
+        (Setting.of("irf", covariance="round"), "covariance"),
+        (Setting.of("irf", stepz=1), "stepz"),
     ],
 )
 def test_invalid_settings_are_named(setting, message):
-    with pytest.raises(BadInputError, match=message) as info:
+    with pytest.raises(UsageError, match=message) as info:
         check_settings([setting], num_timesteps=1000)
-    assert setting.name in str(info.value) and "--steps, --timesteps or --perturbation" in str(info.value)
+    assert setting.name in str(info.value) and "--steps, --timesteps, --perturbation or --grid" in str(info.value)
 
 
 def test_valid_edges_pass():
-    edges = [Setting("likelihood", 1, 999), Setting("irf", timestep=999), Setting("reconstruction", 1, None, 1.0)]
+    edges = [Setting.of("likelihood", timesteps=999, steps=1), Setting.of("irf", timesteps=999),
+             Setting.of("reconstruction", perturbation=1.0, steps=1)]  # fmt: skip
     check_settings(edges, num_timesteps=1000)
 
 
@@ -167,13 +173,25 @@ def test_grid_and_names():
     grid = settings_grid(["reconstruction", "irf", "likelihood"], [1, 3], [0, 200], [0.1])
     assert [s.name for s in grid] == [
         "reconstruction_p0.1_S1", "reconstruction_p0.1_S3", "irf_t0", "irf_t200",
-        "likelihood_S1_t0", "likelihood_S3_t0", "likelihood_S1_t200", "likelihood_S3_t200",
+        "likelihood_t0_S1", "likelihood_t0_S3", "likelihood_t200_S1", "likelihood_t200_S3",
     ]  # fmt: skip
     assert grid[0].head_args == {"perturbation": 0.1, "steps": 1}
     assert grid[2].head_args == {"t_star": 0}
     assert grid[-1].head_args == {"steps": 3, "start": 200}
-    with pytest.raises(BadInputError, match="radar"):
+    assert grid[-1].columns() == {"head": "likelihood", "steps": 3, "timestep": 200, "perturbation": None, "args": None}
+    with pytest.raises(UsageError, match="radar"):
         settings_grid(["radar"], [1], [0], [0.1])
+
+
+def test_a_grid_sweeps_any_arguments_of_any_head():
+    grid = grid_settings({"irf": {"covariance": ["full", "diagonal"], "t_star": [100]}, "radar": {"t_r": 5}})
+    assert [s.name for s in grid] == ["irf_covariance=full_t_star=100", "irf_covariance=diagonal_t_star=100",
+                                      "radar_t_r=5"]  # fmt: skip
+    assert grid[1].head_args == {"covariance": "diagonal", "t_star": 100}
+    assert grid[1].columns()["args"] == '{"covariance": "diagonal", "t_star": 100}'
+    check_settings(grid, num_timesteps=1000)
+    with pytest.raises(UsageError, match="--grid"):
+        grid_settings({"irf": [1, 2]})
 
 
 def test_number_lists():
@@ -185,14 +203,16 @@ def test_number_lists():
 def test_datamodule_from_checkpoint_with_overrides(tmp_path):
     stored = {"_class_path": "ad_lightning.data.MVTecAD", "root": "x", "category": "widget", "image_size": 64}
     ckpt = {"datamodule_hyper_parameters": {**stored, "_instantiator": "lightning.pytorch.cli.instantiate_module"}}
-    data = load_datamodule(ckpt, overrides={"root": str(tmp_path)})
+    data = datamodule_of(ckpt, overrides={"root": str(tmp_path)})
     assert type(data) is MVTecAD and data.root == tmp_path and data.category == "widget" and data.image_size == 64
-    other = load_datamodule(ckpt, "Demo", {"category": "nut"})  # another class keeps only the image size
+    other = datamodule_of(ckpt, "Demo", {"category": "nut"})  # another class keeps only the image size
     assert type(other) is Demo and other.category == "nut" and other.image_size == 64
-    assert type(load_datamodule({})) is Demo
+    assert type(datamodule_of({})) is Demo
     for name in ("ad_lightning.ablate.Setting", "NoSuchData", "no_such_module.Data"):
-        with pytest.raises(BadInputError, match=f"--data {name} is not a DataModule"):
-            load_datamodule(ckpt, name)
+        with pytest.raises(UsageError, match=f"--data {name} is not a DataModule"):
+            datamodule_of(ckpt, name)
+    with pytest.raises(UsageError, match="was trained at 64 x 64"):
+        datamodule_of(ckpt, overrides={"image_size": 128})
 
 
 def test_markdown_table():
@@ -207,4 +227,4 @@ def test_checkpoint_missing_model_weights_is_refused(trained, tmp_path):
     broken = tmp_path / "broken.ckpt"
     torch.save(ckpt, broken)
     with pytest.raises(BadInputError, match="lacks .* model weights"):
-        ablate.load_setting(str(broken), ckpt, Setting("irf", timestep=10), torch.device("cpu"), {})
+        ablate.load_setting(str(broken), ckpt, Setting.of("irf", timesteps=10), torch.device("cpu"), {})

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ad_lightning import benchmark
-from ad_lightning.benchmark import COLUMNS
+from ad_lightning.evaluation.tables import RESULT_COLUMNS as COLUMNS
 from ad_lightning.cli import main
 from ad_lightning.evaluation.report import COMPLETE, mark_complete
 

@@ -21,6 +21,7 @@ def run_script(name: str, *args: str) -> str:
     try:
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
             mp.setattr(sys, "argv", [name, *args])
+            mp.syspath_prepend(str(EXPERIMENTS))  # as `python experiments/<name>` puts it first
             runpy.run_path(str(EXPERIMENTS / name), run_name="__main__")
     finally:
         torch.set_num_threads(threads)

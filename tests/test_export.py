@@ -3,15 +3,18 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
+from ad_lightning import Detector
 from ad_lightning.cli import main
 from ad_lightning.data.demo import ensure_demo
 from ad_lightning.data.images import BadInputError, list_images, read_image
-from ad_lightning.export import OnnxScorer
-from ad_lightning.predict import load_model
+from ad_lightning.errors import UsageError
+from ad_lightning.inference import OnnxScorer, load_model
 
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
@@ -70,7 +73,7 @@ def test_images(demo) -> torch.Tensor:
 def test_exported_scores_and_maps_match_the_eager_model_on_demo_images(ckpt, exported, test_images, head):
     model, _ = load_model(str(ckpt), torch.device("cpu"))
     eager = model.score_batch(test_images, heads=[head])[head]
-    scorer = OnnxScorer(exported[head])
+    scorer = OnnxScorer.open(exported[head])
     onnx_scores = scorer(test_images)
     assert eager.score.std() > 0  # a real comparison: the images score differently
     assert (onnx_scores.score - eager.score).abs().max() <= TOLERANCE
@@ -105,7 +108,7 @@ def test_predict_with_the_exported_file_gives_the_checkpoint_scores(ckpt, export
 
 
 def test_export_refuses_a_head_without_a_graph():
-    with pytest.raises(BadInputError, match=r"head 'reconstruction' cannot be exported.*heads: likelihood, irf"):
+    with pytest.raises(UsageError, match=r"head 'reconstruction' cannot be exported.*heads: likelihood, irf"):
         main(["export", "--ckpt_path", "runs", "--head", "reconstruction"])
 
 
@@ -113,9 +116,9 @@ def test_export_refuses_a_head_without_a_graph():
 def test_predict_refuses_another_head_or_size_than_exported(exported, demo, tmp_path):
     args = ["predict", "--ckpt_path", str(exported["irf"]), "--data.path", str(demo / "fabric" / "test"),
             "--out", str(tmp_path)]  # fmt: skip
-    with pytest.raises(BadInputError, match=r"scores head 'irf', not 'likelihood'; pass --head irf"):
+    with pytest.raises(UsageError, match=r"scores head 'irf', not 'likelihood'; drop --head"):
         main([*args, "--head", "likelihood"])
-    with pytest.raises(BadInputError, match=r"exported for 256 x 256 images, not 128"):
+    with pytest.raises(UsageError, match=r"exported for 256 x 256 images, not 128"):
         main([*args, "--head", "irf", "--image_size", "128"])
 
 
@@ -128,4 +131,34 @@ def test_an_onnx_file_without_our_metadata_is_refused(tmp_path):
     path = tmp_path / "other.onnx"
     onnx.save(onnx.helper.make_model(graph), str(path))
     with pytest.raises(BadInputError, match="not an ad_lightning scoring export"):
-        OnnxScorer(path)
+        OnnxScorer.open(path)
+
+
+@USES_THE_EXPORTED_MODEL
+def test_the_python_api_scores_as_test_does_from_the_checkpoint_and_the_export(ckpt, exported, demo, tmp_path):
+    """`Detector` on the checkpoint gives test's scores.csv within 1e-5, on the export within 1e-4; its maps
+    are H x W at the image size and its decisions the deployed threshold's."""
+    runs = tmp_path / "runs"
+    main(["test", "--ckpt_path", str(ckpt), "--data.root", str(demo), "--model.latency_images", "0",
+          "--trainer.logger.init_args.save_dir", str(runs), "--trainer.default_root_dir", str(runs)])  # fmt: skip
+    with next(runs.rglob("scores.csv")).open() as f:
+        tested = {row["path"]: row for row in csv.DictReader(f)}
+    paths = list(tested)
+    for head in HEADS:
+        for source, tolerance in ((ckpt, 1e-5), (exported[head], 1e-4)):
+            detector = Detector.from_checkpoint(source, head=None if source.suffix == ".onnx" else head)
+            results = detector.predict(paths, batch_size=32)  # test's batch: the 8 test images at once
+            assert detector.head == head and len(results) == len(paths)
+            for path, result in zip(paths, results):
+                expected = float(tested[path][head])
+                assert abs(result.score - expected) <= tolerance * max(1.0, abs(expected)), (head, source.name, path)
+                assert result.anomaly_map.shape == (IMAGE_SIZE, IMAGE_SIZE)
+                assert result.is_anomalous == (result.score >= detector.threshold)
+    # the other inputs the API takes give the same scores as paths
+    detector = Detector.from_checkpoint(ckpt, head="irf")
+    images = [read_image(Path(p), IMAGE_SIZE) for p in paths[:2]]
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths[:2]]
+    from_paths = [r.score for r in detector.predict(paths[:2])]
+    assert [r.score for r in detector.predict(torch.stack(images))] == pytest.approx(from_paths, abs=1e-6)
+    assert [r.score for r in detector.predict(arrays)] == pytest.approx(from_paths, abs=1e-6)
+    assert [r.score for r in detector.predict([Image.open(p) for p in paths[:2]])] == pytest.approx(from_paths, abs=1e-6)

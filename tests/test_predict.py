@@ -14,6 +14,7 @@ from PIL import Image
 
 from ad_lightning.cli import main
 from ad_lightning.data.images import BadInputError
+from ad_lightning.errors import UsageError
 from ad_lightning.predict import COLUMNS, OverlayWriter, overlay_names
 from ad_lightning.rendering import OVERLAY_ALPHA, side_by_side_overlay
 
@@ -110,7 +111,7 @@ def test_ensemble_head_scores_with_its_members(runs, folder, tmp_path):
 
 
 def test_unknown_head_lists_the_available_ones(runs, folder):
-    with pytest.raises(BadInputError, match=r"unknown head 'radar'.*one of: likelihood, irf, ensemble$"):
+    with pytest.raises(UsageError, match=r"unknown head 'radar'.*one of: likelihood, irf, ensemble$"):
         main(["predict", "--ckpt_path", str(runs), "--data.path", str(folder), "--head", "radar"])
 
 
@@ -122,11 +123,17 @@ def test_unfitted_threshold_is_refused(runs, folder, tmp_path):
         predict("--ckpt_path", str(tmp_path / "unfitted.ckpt"), "--data.path", str(folder))
 
 
-@pytest.mark.parametrize("spec", ["missing_dir", "empty_dir", "empty_dir/*.png"])
+@pytest.mark.parametrize("spec", ["empty_dir", "empty_dir/*.png"])
 def test_no_images_names_the_path(runs, tmp_path, spec):
     (tmp_path / "empty_dir").mkdir()
     path = str(tmp_path / spec)
     with pytest.raises(FileNotFoundError, match=f"no images .* at --data.path {re.escape(repr(path))}"):
+        main(["predict", "--ckpt_path", str(runs), "--data.path", path, "--head", "likelihood"])
+
+
+def test_a_path_that_does_not_exist_is_named_as_such(runs, tmp_path):
+    path = str(tmp_path / "missing_dir")
+    with pytest.raises(FileNotFoundError, match=f"--data.path {re.escape(repr(path))} does not exist"):
         main(["predict", "--ckpt_path", str(runs), "--data.path", path, "--head", "likelihood"])
 
 

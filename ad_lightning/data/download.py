@@ -62,7 +62,7 @@ class DatasetSource:
 
 
 # Hashes as published in anomalib's datamodules (mvtecad.py, visa.py, btech.py); they match the
-# abbreviated values in /work/shared/reference/anomalib.md and archives other users measured.
+# digests other users measured on the archives they downloaded.
 DATASETS = {
     "mvtec": DatasetSource(
         "mvtec",

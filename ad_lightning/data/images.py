@@ -94,7 +94,12 @@ def read_image(path: Path, size: int | None) -> torch.Tensor:
     `size=None` keeps the native [3, H, W] (for cutting tiles). PIL's bilinear resize is
     antialiased when it shrinks. No normalisation here: the backbone applies its own mean/std.
     """
-    rgb = _rgb_array(_open(path), size)
+    return image_tensor(_open(path), size)
+
+
+def image_tensor(img: Image.Image, size: int | None) -> torch.Tensor:
+    """A decoded PIL image as `read_image` gives it: float32 [3, size, size] in [0, 1] (None: native size)."""
+    rgb = _rgb_array(img, size)
     return torch.from_numpy(rearrange(rgb, "h w c -> c h w"))  # [H, W, 3] -> [3, H, W]
 
 

@@ -1,4 +1,4 @@
-"""Deterministic DDIM (eta = 0) as pure functions over tensors and an `eps_fn` (METHODS.md section 4).
+"""Deterministic DDIM (eta = 0) as pure functions over tensors and an `eps_fn` (docs/methods.md section 4).
 
 Notation: `a_t` is alpha_bar at timestep t; `eps_fn(x, t)` is the network's noise prediction for a
 state `x` [B, C, h, w] at integer timesteps `t` [B]. One step moves x from t to any t':

@@ -1,4 +1,4 @@
-"""Noise schedule and timestep grids (METHODS.md sections 2-3).
+"""Noise schedule and timestep grids (docs/methods.md sections 2-3).
 
 Everything here is float64 and stateless; the network is always called with the original
 training index t in 0..T-1, whatever grid a head walks.

@@ -129,6 +129,13 @@ def bootstrap_pixel_auroc(
     `bins` equal-mass bins per category (error bound in the module docstring).
     """
     _check_options(n_boot, level)
+    return _interval(bootstrap_pixel_draws(maps, masks, groups, n_boot, seed, bins), level)
+
+
+def bootstrap_pixel_draws(
+    maps: ArrayLike | Tensor, masks: ArrayLike | Tensor, groups: Sequence[str], n_boot: int, seed: int, bins: int
+) -> np.ndarray:
+    """Mean over categories of pixel AUROC [1 + n_boot]: on all the data, then on each resample."""
     if bins < 2:
         raise BadInputError(f"bins={bins} cannot order pixel scores; use at least 2 (the default is 1024)")
     maps, masks = torch.as_tensor(maps), torch.as_tensor(masks)
@@ -145,7 +152,22 @@ def bootstrap_pixel_auroc(
         anomalous = (masks[index].flatten(1) > 0.5).numpy()  # [n, H, W] -> [n, H*W]
         counts = _with_full_data(resample_counts(anomalous.any(axis=1), n_boot, rng))
         aurocs.append(_resampled_auroc(name, "pixel", counts, *_pixel_histograms(scores, anomalous, bins)))
-    return _interval(np.mean(aurocs, axis=0), level)
+    return np.mean(aurocs, axis=0)
+
+
+def category_pixel_draws(
+    maps: ArrayLike | Tensor, masks: ArrayLike | Tensor, name: str, n_boot: int = 1000, seed: int = 0, bins: int = 1024
+) -> np.ndarray:
+    """Pixel AUROC of ONE category's images [1 + n_boot]: on all its images, then on each resample
+    (stratified by image label). Categories scored by different models (one per category) combine
+    through `interval_of_mean`."""
+    return bootstrap_pixel_draws(maps, masks, [name] * len(maps), n_boot, seed, bins)
+
+
+def interval_of_mean(draws: Sequence[np.ndarray], level: float = 0.95) -> Interval:
+    """The interval of the mean over categories from each category's draws [1 + n_boot] (drawn independently)."""
+    _check_options(1, level)
+    return _interval(np.mean(np.stack(draws), axis=0), level)
 
 
 def _image_auroc_draws(

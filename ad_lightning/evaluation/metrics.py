@@ -1,4 +1,4 @@
-"""Detection and segmentation metrics on raw anomaly scores (METHODS.md section 9).
+"""Detection and segmentation metrics on raw anomaly scores (docs/methods.md section 9).
 
 torchmetrics' binary metrics push float inputs outside [0, 1] through a sigmoid, which saturates
 large raw scores (an NLL of 1e4) into ties and silently wrecks the AUROC. Scores are therefore

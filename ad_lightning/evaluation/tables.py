@@ -7,6 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+RESULT_COLUMNS = (
+    "category", "head", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+    "pixel_f1max", "aupro", "accuracy", "precision", "recall", "f1", "ms_per_image",
+)  # fmt: skip  # one results row of a head on a category: benchmark, ablate
+
+
 def write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None) -> None:
     """`rows` as CSV with `columns` (default: the first row's keys); a missing or None cell is empty."""
     with path.open("w", newline="") as f:

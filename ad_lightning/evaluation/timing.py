@@ -1,4 +1,4 @@
-"""Stage timing and peak memory, measured the way METHODS.md section 9 asks: batch 1, warm-up
+"""Stage timing and peak memory, measured the way docs/methods.md section 9 asks: batch 1, warm-up
 excluded, median and p95 ms per image, split by stage (backbone, then each head)."""
 
 from __future__ import annotations

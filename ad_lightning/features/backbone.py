@@ -1,4 +1,4 @@
-"""Frozen timm CNN whose selected stages are fused on the coarsest stage's grid (METHODS.md section 1).
+"""Frozen timm CNN whose selected stages are fused on the coarsest stage's grid (docs/methods.md section 1).
 
 Weights resolve offline first, in this order: an explicit checkpoint file, timm's own mechanism
 (Hugging Face cache, then the hub only if it answers), the EfficientNet-Lite0 weights shipped by the

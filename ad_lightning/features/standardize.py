@@ -1,4 +1,4 @@
-"""Per-channel feature standardisation z0 = (f - mu) / sigma (METHODS.md section 1, a choice).
+"""Per-channel feature standardisation z0 = (f - mu) / sigma (docs/methods.md section 1, a choice).
 
 mu and sigma come from the normal training features and live in buffers, so the checkpoint
 carries them. `mode="none"` keeps raw features (InvAD's setting).

@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import median_abs_deviation
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
@@ -82,6 +84,8 @@ class Head(FittedState):
     name: str = ""
     needs_train_fit = False  # True: `fit_train` must see the normal training features first
     blur_sigma: float | None = None  # the head's own blur of upsampled maps; None: the model's `blur_sigma`
+    exportable = False  # whether `export` can trace its scoring to ONNX (plain tensor maths only)
+    sweeps: dict[str, str] = {}  # `ablate` options (steps, timesteps, perturbation) -> constructor arguments
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,8 +119,8 @@ class Head(FittedState):
         return out.score, out.map
 
     def decision_threshold(self, normal_scores: Tensor, method: str, q: float) -> float:
-        """The deployed image threshold from normal validation scores (percentile or Otsu);
-        heads with their own decision rule (an Isolation Forest) override it."""
+        """The deployed image threshold from normal validation scores (percentile or Otsu), the same
+        false-positive target for every head; a detector's own boundary is an option of its head."""
         return fit_threshold(normal_scores, method, q)
 
     def map_blur(self, default: float) -> float:
@@ -141,8 +145,19 @@ class Head(FittedState):
 class Normalizer(nn.Module):
     """Affine normalisation of a scalar score, fitted on normal validation values only.
 
-    `minmax`: (v - min) / (max - min); `zscore`: (v - mean) / std. Stored as buffers.
+    `minmax`: (v - min) / (max - min); `zscore`: (v - mean) / std. Stored as buffers. Two rules keep
+    small or degenerate splits sane (neither applies to 10 or more values spread by more than a
+    thousandth of their magnitude, where the plain rule is used unchanged):
+    - with fewer than 10 values, either mode becomes a robust z-score, (v - median) / (1.4826 MAD):
+      the range or std of a handful of values is a noisy spread estimate set by its single most
+      extreme value, while the median absolute deviation ignores one extreme value among three or
+      more (1.4826 MAD estimates the std of normal data);
+    - the scale is at least a thousandth of the values' mean magnitude (and 1e-12), so a constant
+      split gives scores of about 1e3 x a value's relative deviation instead of dividing by ~0.
     """
+
+    FEW = 10  # below this many values, the robust z-score
+    RELATIVE_FLOOR = 1e-3  # the least scale, as a fraction of the values' mean magnitude
 
     MODES = ("minmax", "zscore")
 
@@ -156,15 +171,19 @@ class Normalizer(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
 
     def fit(self, values: Tensor) -> None:
-        values = values.detach().to(torch.float64).flatten()
+        values = values.detach().to("cpu", torch.float64).flatten()
         if values.numel() < 2:
             raise ValueError(f"need at least 2 normal validation values to fit a normaliser, got {values.numel()}")
-        if self.mode == "minmax":
+        if values.numel() < self.FEW:
+            v = values.numpy()
+            loc, scale = torch.tensor(np.median(v)), torch.tensor(median_abs_deviation(v, scale="normal"))
+        elif self.mode == "minmax":
             loc, scale = values.min(), values.max() - values.min()
         else:
             loc, scale = values.mean(), values.std()
+        floor = max(self.RELATIVE_FLOOR * float(values.abs().mean()), 1e-12)
         self.loc.copy_(loc)
-        self.scale.copy_(scale.clamp_min(1e-12))
+        self.scale.copy_(scale.clamp_min(floor))
         self.fitted.fill_(True)
 
     def forward(self, values: Tensor) -> Tensor:

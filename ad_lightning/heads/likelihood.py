@@ -1,4 +1,4 @@
-"""Head `likelihood` (InvAD): latent likelihood after DDIM inversion (METHODS.md section 5)."""
+"""Head `likelihood` (InvAD): latent likelihood after DDIM inversion (docs/methods.md section 5)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ class LikelihoodHead(Head):
     """
 
     name = "likelihood"
+    exportable = True  # plain tensor maths: `export` can trace it to ONNX
+    sweeps = {"timesteps": "start", "steps": "steps"}  # ablate options -> arguments, outermost first
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Baseline `reconstruction`: perturb, DDIM-denoise, compare (METHODS.md section 8)."""
+"""Baseline `reconstruction`: perturb, DDIM-denoise, compare (docs/methods.md section 8)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class ReconstructionHead(Head):
     per position: squared L2 or 1 - cosine. Image score = max of the map."""
 
     name = "reconstruction"
+    sweeps = {"perturbation": "perturbation", "steps": "steps"}  # ablate options -> arguments, outermost first
 
     def __init__(
         self, perturbation: float = 0.2, steps: int = 5, distance: str = "l2", seed: int = 0, num_timesteps: int = 1000
