@@ -9,6 +9,7 @@ from functools import partial
 from ad_lightning.heads.base import FittedState, Head, HeadOutput, Normalizer, Scores, to_image_map
 from ad_lightning.heads.ensemble import EnsembleHead
 from ad_lightning.heads.irf import IRFHead
+from ad_lightning.heads.irf_bank import ResidualBankHead
 from ad_lightning.heads.likelihood import LikelihoodHead
 from ad_lightning.heads.patchcore import PatchCoreHead
 from ad_lightning.heads.pooled import PooledDetectorHead
@@ -22,6 +23,7 @@ HEADS: dict[str, Callable[..., Head]] = {
     ReconstructionHead.name: ReconstructionHead,
     EnsembleHead.name: EnsembleHead,
     PatchCoreHead.name: PatchCoreHead,
+    ResidualBankHead.name: ResidualBankHead,
     **{kind: partial(PooledDetectorHead, kind) for kind in ("iforest", "lof", "ocsvm")},
 }
 
@@ -48,6 +50,7 @@ __all__ = [
     "PooledDetectorHead",
     "RadarHead",
     "ReconstructionHead",
+    "ResidualBankHead",
     "Scores",
     "build_head",
     "to_image_map",

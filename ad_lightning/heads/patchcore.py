@@ -109,6 +109,7 @@ class PatchCoreHead(Head):
 
     name = "patchcore"
     needs_train_fit = True
+    scaled = False  # divide each channel by its spread on the training patches (the features are standardised)
 
     def __init__(
         self,
@@ -135,14 +136,23 @@ class PatchCoreHead(Head):
         self.coreset_ratio, self.projection_dim = coreset_ratio, projection_dim
         self.num_neighbors, self.seed, self.chunk, self.blur_sigma = num_neighbors, seed, chunk, blur_sigma
         self.register_buffer("memory_bank", torch.empty(0))  # [M, C] after fitting
+        self.register_buffer("scale", torch.empty(0))  # [C] per-channel spread when `scaled`, else empty
 
     @property
     def nfe(self) -> int:
         return 0
 
-    def patches(self, z0: Tensor) -> Tensor:
-        """Aggregated patch vectors of z0: [B, C, h, w] -> [B, h*w, C]."""
-        return rearrange(aggregate(z0.float(), self.aggregate, self.count_padding), "b c h w -> b (h w) c")
+    def signal(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> Tensor:
+        """The per-position vectors the bank is made of, before aggregation: here the features z0 themselves
+        [B, C, h, w] (a subclass may bank another signal, e.g. the diffusion residual)."""
+        return z0.float()
+
+    def patches(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> Tensor:
+        """Aggregated patch vectors of the signal of z0, each channel divided by its training spread when
+        the head scales them: [B, C, h, w] -> [B, h*w, C']."""
+        signal = aggregate(self.signal(z0, eps_fn, alpha_bar), self.aggregate, self.count_padding)
+        vectors = rearrange(signal, "b c h w -> b (h w) c")
+        return vectors / self.scale.to(vectors.device) if self.scale.numel() else vectors
 
     def subsample(self, vectors: Tensor) -> Tensor:
         """Indices of the coreset of vectors [N, C] (all of them, in order, at ratio 1)."""
@@ -154,21 +164,25 @@ class PatchCoreHead(Head):
         return greedy_coreset(projected, coreset_size(n, self.coreset_ratio), start)
 
     def fit_train(self, batches: Iterable[Tensor], eps_fn: EpsFn, alpha_bar: Tensor) -> None:
-        vectors = [self.patches(z0).flatten(0, 1) for z0 in batches]  # each [B, h*w, C] -> [B*h*w, C]
+        self.scale = torch.empty(0)
+        vectors = [self.patches(z0, eps_fn, alpha_bar).flatten(0, 1) for z0 in batches]  # [B, h*w, C] -> [B*h*w, C]
         if not vectors:
-            raise ValueError("patchcore needs normal training images to build its memory bank, got none")
+            raise ValueError(f"{self.name} needs normal training images to build its memory bank, got none")
         vectors = torch.cat(vectors)
+        if self.scaled:  # each channel by its spread over the training patches, so no part drowns another
+            self.scale = vectors.std(0).clamp_min(1e-6)  # [C]
+            vectors = vectors / self.scale
         self.memory_bank = vectors[self.subsample(vectors)]
 
     def evaluate(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> HeadOutput:
         if self.memory_bank.numel() == 0:
             raise RuntimeError(
-                "the patchcore memory bank is empty: it is built from the normal training features during "
+                f"the {self.name} memory bank is empty: it is built from the normal training features during "
                 "`fit`; use a checkpoint written by `python -m ad_lightning fit`"
             )
         b, _, h, w = z0.shape
         bank = self.memory_bank.to(z0.device)
-        m_test = self.patches(z0)  # [B, h*w, C]
+        m_test = self.patches(z0, eps_fn, alpha_bar)  # [B, h*w, C]
         distance, index = nearest(m_test.flatten(0, 1), bank, k=1, chunk=self.chunk)  # [B*h*w, 1] each
         distance, index = distance.view(b, h * w), index.view(b, h * w)
         s_star, at = distance.max(dim=1)  # the max-map position of each image
