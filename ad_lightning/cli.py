@@ -26,6 +26,7 @@ from ad_lightning.errors import UsageError
 from ad_lightning.evaluation.report import mark_complete
 from ad_lightning.lit import FeatureDDPM, NonFiniteLossError
 from ad_lightning.run_config import (
+    DEFAULT_CONFIG,
     DEFAULT_ROOT,
     checkpoint_data,
     follow_root_dir,
@@ -34,7 +35,6 @@ from ad_lightning.run_config import (
     set_training_budget,
 )
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's own `predict` is replaced by ad_lightning.predict
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -53,7 +52,7 @@ class FeatureDDPM(LightningModule):
 
     Args:
         backbone: timm model name; `out_indices` the fused stages; `pretrained` / `backbone_weights`
-            resolve weights as in DESIGN.md.
+            resolve weights as docs/architecture.md describes.
         feature_norm: `channel` standardises features with training statistics, `none` keeps them raw.
         denoiser: a named size from the registry (`tiny`, `small`, `base`); `denoiser_args` overrides.
         heads: scoring heads used by `test`, e.g. `likelihood`; `head_args` per head, e.g.
@@ -193,15 +192,15 @@ class FeatureDDPM(LightningModule):
         return self
 
     def network_autocast(self, like: Tensor):
-        """The autocast the networks (backbone, denoiser) run under: the Trainer's mixed precision
-        (`bf16-mixed`, `16-mixed`), or bf16 on CUDA after `prepare_inference(bf16=True)`; none otherwise.
-        The heads' maths runs outside it, in float32 (`float32_maths`), the schedule in float64."""
-        plugin = getattr(self._trainer, "precision_plugin", None)  # None outside a Trainer (predict, ablate)
-        if isinstance(plugin, MixedPrecision):
-            return plugin.autocast_context_manager()
+        """The precision of the networks when they encode images and when the heads call the denoiser:
+        float32, whatever the Trainer's precision, so the features and residuals the heads are fitted on
+        (at the end of training, or by `fit_heads`) are computed exactly as the ones they score (under
+        `--trainer.precision bf16-mixed` only the training steps run in bf16). bf16 on CUDA only after
+        `prepare_inference(bf16=True)`, a deliberate speed-for-exactness trade. The heads' own maths runs
+        in float32 (`float32_maths`), the schedule in float64."""
         if self.inference_bf16 and like.is_cuda:
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast(like.device.type, enabled=False)
 
     # ----- fit ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -17,6 +17,7 @@ import yaml
 
 from ad_lightning.errors import UsageError
 
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"  # every subcommand's defaults
 DEFAULT_ROOT = "runs"  # the configs' output directory (trainer.default_root_dir and the loggers' save_dir)
 DEFAULT_MAX_STEPS = 1000  # the training budget when neither --trainer.max_steps nor --trainer.max_epochs is given
 FROZEN = {  # model options fixed by training, and why

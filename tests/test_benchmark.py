@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ad_lightning import benchmark
 from ad_lightning.evaluation.tables import RESULT_COLUMNS as COLUMNS
 from ad_lightning.cli import main
 from ad_lightning.evaluation.report import COMPLETE, mark_complete
+from ad_lightning.run_config import DEFAULT_CONFIG
 
 DATA = ["--data", "MVTecAD", "--data.image_size", "64", "--data.train_batch_size", "8", "--trainer.max_epochs", "1"]
 DATA += ["--model.heads", "likelihood"]
@@ -38,7 +40,7 @@ def test_benchmark_writes_table_with_mean_row_and_resumes(tmp_path, make_mvtec_t
     metrics = tmp_path / "bench" / "results" / "widget" / "test" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
     calls = []
-    monkeypatch.setattr("ad_lightning.benchmark.run_category", lambda *a: calls.append(a))
+    monkeypatch.setattr("ad_lightning.benchmark.fit_category", lambda *a: calls.append(a))
     main([*args, *DATA])  # both categories are done: nothing reruns
     assert calls == [] and metrics.stat().st_mtime_ns == stamp
 
@@ -108,3 +110,20 @@ def test_results_tables_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         fake_benchmark(out, FakeCli(), "--force")
     assert (out.read_bytes(), out.with_suffix(".md").read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "results.csv", "results.md"]
+
+
+def test_rescore_tests_the_fitted_models_again_with_the_default_heads(tmp_path):
+    out = tmp_path / "results.csv"
+    cli = FakeCli()
+    fake_benchmark(out, cli)
+    for run in ("fit", "test"):  # as if gadget's fit had been killed: neither run is complete
+        (tmp_path / "results" / "gadget" / run / COMPLETE).unlink()
+    cli.calls.clear()
+    argv = []
+    cli_calls = lambda args: argv.append(args) or cli(args)  # noqa: E731
+    benchmark.main(["--categories", "widget,gadget", "--out", str(out), "--rescore"], cli=cli_calls)
+    assert cli.calls == [("test", "widget"), ("fit", "gadget"), ("test", "gadget")]  # gadget was never fitted
+    rescored = argv[0]
+    heads = rescored[rescored.index("--model.heads") + 1]
+    assert heads == yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["heads"]
+    assert "--model.head_args" in rescored and "--ckpt_path" in rescored
