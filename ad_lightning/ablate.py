@@ -172,6 +172,9 @@ class FeaturesOnce:
     def val_dataloader(self):
         return self.datamodule.val_dataloader()
 
+    def val_images(self) -> Tensor | None:
+        return self.datamodule.val_images()
+
 
 def load_setting(ckpt_path: str, ckpt: dict, setting: Setting, device: torch.device, overrides: dict) -> FeatureDDPM:
     """The checkpoint's model with `setting`'s head only (its other stored arguments kept), in eval mode.

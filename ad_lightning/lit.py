@@ -340,7 +340,8 @@ class FeatureDDPM(LightningModule):
                 for name, head in self.heads.items():
                     if not isinstance(head, EnsembleHead):
                         outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
-            self._calibrate_heads({name: HeadOutput.cat(chunks) for name, chunks in outputs.items()})
+            normal = {name: HeadOutput.cat(chunks) for name, chunks in outputs.items()}
+            self._calibrate_heads(normal, datamodule.val_images())
         self.ema.train(was_training)
         self.heads_fitted_step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
 
@@ -350,14 +351,15 @@ class FeatureDDPM(LightningModule):
         for batch in datamodule.val_dataloader():
             yield self._z0({k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}).float()
 
-    def _calibrate_heads(self, normal: dict[str, HeadOutput]) -> None:
+    def _calibrate_heads(self, normal: dict[str, HeadOutput], images: Tensor | None) -> None:
         """Normalisers, map range and decision threshold of every head from its outputs on normal
-        validation images; an ensemble from its members' calibrated outputs."""
+        validation images (`images`: each output's image, when they are tiles); an ensemble from its
+        members' calibrated outputs."""
         hp = self.hparams
         for name, head in self.heads.items():
             if isinstance(head, EnsembleHead):
                 normal[name] = head.combine({m: self.heads[m].score(normal[m]) for m in head.members})
-            head.calibrate(normal[name], hp.threshold_method, hp.threshold_q)
+            head.calibrate(normal[name], hp.threshold_method, hp.threshold_q, images)
 
     def configure_optimizers(self):
         hp = self.hparams

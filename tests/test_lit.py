@@ -2,12 +2,14 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ad_lightning.data.tiling import extract_tiles, tile_boxes
-from ad_lightning.heads import HeadOutput
+from ad_lightning.data import Printed3D
+from ad_lightning.heads import Head, HeadOutput
 from ad_lightning.lit import FeatureDDPM, ema_with_warmup, parse_names
 
 
@@ -78,3 +80,32 @@ def test_a_large_image_scored_with_tiles_gives_a_full_resolution_map(model):
     # the top-left corner is covered by the first tile only: the stitched map is that tile's map there
     first = F.interpolate(per_tile.maps[:1, None], size=(256, 256), mode="bilinear")[0, 0]
     torch.testing.assert_close(scores.maps[0, :200, :200], first[:200, :200])
+
+
+def test_tiled_validation_calibrates_the_threshold_on_each_image_s_maximum_tile():
+    """Deployed on an image, a score is the max over its tiles: calibrating per tile would flag about
+    1 - 0.99^16 = 15 % of normal images at 16 tiles; per image it flags about 1 %."""
+    head = Head()
+    generator = torch.Generator().manual_seed(0)
+    tiles, images = 16, 2000
+    index = torch.arange(images).repeat_interleave(tiles)
+    validation = HeadOutput({}, None, score=torch.randn(images * tiles, generator=generator))
+    new_images = torch.randn(images, tiles, generator=generator).amax(1)  # fresh normal images, max over tiles
+    head.calibrate(validation, "percentile", 99.0)
+    per_tile = float((new_images >= float(head.threshold)).float().mean())
+    head.calibrate(validation, "percentile", 99.0, images=index)
+    per_image = float((new_images >= float(head.threshold)).float().mean())
+    assert per_tile == pytest.approx(1 - 0.99**tiles, abs=0.03) and per_image == pytest.approx(0.01, abs=0.006)
+    maxima = validation.score.view(images, tiles).amax(1)
+    assert float(head.threshold) == pytest.approx(float(np.percentile(maxima.numpy(), 99.0)))
+
+
+def test_printed3d_names_the_image_of_every_validation_tile(tmp_path, write_image_file):
+    part = tmp_path / "prints" / "gear"
+    for i in range(6):
+        write_image_file(part / "train/good" / f"{i}.png", seed=i, size=80)
+    write_image_file(part / "test/good/0.png", seed=50, size=80)
+    data = Printed3D(tmp_path / "prints", "gear", image_size=32, tile_size=48, tile_overlap=8, val_fraction=0.34)
+    data.setup()
+    assert data.val_images().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # 2 images of 4 tiles each
+    assert Printed3D(tmp_path / "prints", "gear", image_size=32).val_images() is None

@@ -332,6 +332,11 @@ class AnomalyDataModule(lightning.LightningDataModule):
         """The dataset of one split ("train", "val", "test"); a layout may serve other items (tiles)."""
         return AnomalyDataset(samples, self.image_size)
 
+    def val_images(self) -> Tensor | None:
+        """Which validation image each validation item comes from, when the items are parts (tiles) of
+        images, as indices [N]; None when every item is a whole image."""
+        return None
+
     @property
     def tiling(self) -> tuple[int, int] | None:
         """(tile size, overlap) when test images are scored tile by tile at native size, else None."""

@@ -82,6 +82,13 @@ class Printed3D(MVTecAD):
     def tiling(self) -> tuple[int, int] | None:
         return None if self.tile_size is None else (self.tile_size, self.tile_overlap)
 
+    def val_images(self) -> Tensor | None:
+        """The image index of every validation tile (tiles of one image are consecutive)."""
+        if self.tile_size is None:
+            return None
+        order = {id(sample): i for i, sample in enumerate(self.val_dataset.samples)}
+        return torch.tensor([order[id(sample)] for sample, _ in self.val_dataset.tiles])
+
     def make_dataset(self, samples: list[Sample], split: str) -> Dataset:
         """With tiling: train and validation serve tiles (the heads are fitted on tile scores);
         test serves whole images at native size, one per batch, scored tile by tile."""

@@ -132,13 +132,21 @@ class Head(FittedState):
         head makes none."""
         return None
 
-    def calibrate(self, normal: HeadOutput, method: str = "percentile", q: float = 99.0) -> None:
-        """Everything fitted on the normal validation split: `fit`, the map range, the threshold."""
+    def calibrate(
+        self, normal: HeadOutput, method: str = "percentile", q: float = 99.0, images: Tensor | None = None
+    ) -> None:
+        """Everything fitted on the normal validation split: `fit`, the map range, the threshold.
+
+        `images` [N]: which validation image each output comes from when the outputs are tiles; the
+        threshold is then fitted on each image's maximum tile score, the statistic deployed on test
+        images (so n tiles do not multiply the false-positive rate)."""
         self.fit(normal)
         scores, maps = self.score(normal)
         if maps is not None:
             self.map_low.fill_(float(maps.min()))
             self.map_high.fill_(float(maps.max()))
+        if images is not None:
+            scores = per_image_max(scores, images)
         self.threshold.fill_(self.decision_threshold(scores, method, q))
 
 
@@ -193,6 +201,13 @@ class Normalizer(nn.Module):
                 "`fit`; use a checkpoint written by `python -m ad_lightning fit`"
             )
         return ((values.to(torch.float64) - self.loc.to(values.device)) / self.scale.to(values.device)).float()
+
+
+def per_image_max(values: Tensor, images: Tensor) -> Tensor:
+    """The maximum of the values [N] of each image, `images` [N] its index: -> [number of images]."""
+    images = images.to(values.device)
+    out = torch.full((int(images.max()) + 1,), float("-inf"), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, images, values, reduce="amax")
 
 
 def shared_noise(z0: Tensor, seed: int) -> Tensor:
