@@ -177,16 +177,19 @@ class FeaturesOnce:
 
 
 def load_setting(ckpt_path: str, ckpt: dict, setting: Setting, device: torch.device, overrides: dict) -> FeatureDDPM:
-    """The checkpoint's model with `setting`'s head only (its other stored arguments kept), in eval mode.
+    """The checkpoint's model with `setting`'s head only (an ensemble with its members before it; their
+    other stored arguments kept), in eval mode.
 
     The backbone weights come from the checkpoint (no pretrained lookup). Loading is not strict only
-    for head buffers (the head is refitted): every other weight must be in the checkpoint."""
-    stored_args = (ckpt["hyper_parameters"].get("head_args") or {}).get(setting.head, {})
-    head_args = {setting.head: {**stored_args, **setting.head_args}}
+    for head buffers (the heads are refitted): every other weight must be in the checkpoint."""
+    stored = ckpt["hyper_parameters"].get("head_args") or {}
+    own = {**stored.get(setting.head, {}), **setting.head_args}
+    members = list(build_head(setting.head, **own).members)
+    head_args = {name: stored.get(name, {}) for name in members} | {setting.head: own}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Found keys that are")  # other heads' buffers; checked below
         model = FeatureDDPM.from_checkpoint(
-            ckpt_path, device, strict=False, heads=setting.head, head_args=head_args, **overrides
+            ckpt_path, device, strict=False, heads=[*members, setting.head], head_args=head_args, **overrides
         )
     missing = [k for k in model.state_dict() if k not in ckpt["state_dict"] and not k.startswith("heads.")]
     if missing:

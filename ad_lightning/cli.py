@@ -94,8 +94,9 @@ class ADLightningCLI(LightningCLI):
 
     def after_test(self) -> None:
         """Mark the run complete once its report and plots are all written (`benchmark` trusts only that)."""
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            mark_complete(self.trainer.log_dir)
+        log_dir = run_dir(self.trainer)
+        if log_dir is not None:
+            mark_complete(log_dir)
 
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback
@@ -103,9 +104,18 @@ class ADLightningCLI(LightningCLI):
             print(f"checkpoint: {callback.best_model_path or callback.last_model_path}")
 
 
+def run_dir(trainer) -> Path | None:
+    """The run directory on global rank 0 (None elsewhere, or without a logger), read from the logger:
+    `Trainer.log_dir` is a collective under DDP, which a rank must not call alone."""
+    logger = getattr(trainer, "logger", None)
+    if trainer is None or not trainer.is_global_zero or logger is None or logger.log_dir is None:
+        return None
+    return Path(logger.log_dir)
+
+
 def remove_empty_run(trainer) -> None:
     """Delete the run directory of a failed run if all it holds is its saved configuration."""
-    log_dir = Path(trainer.log_dir) if trainer is not None and trainer.is_global_zero and trainer.log_dir else None
+    log_dir = run_dir(trainer)
     if log_dir is not None and log_dir.is_dir() and {p.name for p in log_dir.iterdir()} <= CONFIG_FILES:
         shutil.rmtree(log_dir, ignore_errors=True)
 

@@ -180,6 +180,7 @@ class IRFHead(Head):
     image score = its max, or the mean of the `topk` largest. Term `prior`: the same reduction of
     ||eps_theta|| per position, the score under the N(0, I) prior with nothing fitted.
 
+    `blur_sigma`: the Gaussian blur of its upsampled maps (None: the model's `blur_sigma`).
     `t_star` may list several timesteps: one Gaussian per t* (buffers `gaussians.<t*>.*`; one t*
     keeps `gaussian.*`), and the map and the prior's norm map are the means over t* of their maps,
     which have comparable scales (a Mahalanobis distance does not depend on the residual's scale).
@@ -202,11 +203,15 @@ class IRFHead(Head):
         reduction: str = "max",
         topk: int = 8,
         seed: int = 0,
+        blur_sigma: float | None = None,
         num_timesteps: int = 1000,
     ) -> None:
         super().__init__()
         if input not in INPUTS or reduction not in REDUCTIONS:
             raise ValueError(f"irf input must be one of {INPUTS} and reduction one of {REDUCTIONS}")
+        if blur_sigma is not None and blur_sigma < 0:
+            raise ValueError(f"irf blur_sigma must be >= 0 (None: the model's --model.blur_sigma), got {blur_sigma}")
+        self.blur_sigma = blur_sigma
         self.t_stars = timesteps_of(t_star, num_timesteps)
         self.input, self.reduction, self.topk, self.seed = input, reduction, topk, seed
         make = lambda: Gaussian(gaussian, covariance, ridge, ridge_mode, score)
