@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -31,31 +32,45 @@ def run_script(name: str, *args: str) -> str:
 @pytest.fixture(scope="module")
 def recon_vs_inversion(tmp_path_factory) -> tuple[Path, str]:
     """The script with no checkpoint: it trains a 1-epoch model on the tree first, then scores
-    reconstruction p {0.2, 0.4} x S {1, 2} and inversion S {1, 2}."""
+    reconstruction p {0.2, 0.5} x S {1, 2} at equal NFE, both inversions at S {1, 2} and the one
+    non-empty paper cell (S = 2, p = 0.5: grid index 1)."""
     tmp = tmp_path_factory.mktemp("experiments")
     root = build_mvtec_tree(tmp / "data", n_train=20, n_test_good=4)
     out = tmp / "recon_vs_inversion"
     printed = run_script("recon_vs_inversion.py", "--root", str(root), *TINY, "--epochs", "1", "--image_size", "64",
-                         "--steps", "2,1", "--perturbation", "0.2,0.4", "--out", str(out))  # fmt: skip
+                         "--steps", "2,1", "--perturbation", "0.2,0.5", "--out", str(out))  # fmt: skip
     return out, printed
 
 
-@pytest.mark.slow  # trains a model, then scores 6 settings: 4 s (idle) to 70 s (loaded) on the shared 2-core CPU
-def test_recon_vs_inversion_prints_and_saves_its_table_and_figure(recon_vs_inversion):
+def table_rows(table: str) -> list[list[str]]:
+    """The cells of a Markdown table's body rows."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:] if line.startswith("|")]
+
+
+@pytest.mark.slow  # trains a model, then scores 9 settings: 6 s (idle) to 90 s (loaded) on the shared 2-core CPU
+def test_recon_vs_inversion_prints_and_saves_its_tables_and_figure(recon_vs_inversion):
     out, printed = recon_vs_inversion
     assert "trained here, a short run of 1 epoch(s)" in printed and "image size 64" in printed
     assert "CPU cores" in printed and "thread(s)" in printed
     assert (out / "fit" / "checkpoints" / "last.ckpt").is_file()
     tables = (out / "recon_vs_inversion.md").read_text()
     assert tables.strip() in printed
-    image, pixel = tables.split("pixel AUROC")
-    header = "| S | recon p=20% | recon p=40% | inversion | inversion NLL | inversion sp |"
-    assert header in image and "| S | recon p=20% | recon p=40% | inversion |" in pixel
-    rows = [line for line in image.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
-    assert [line.split(" | ")[0] for line in rows] == ["| 1", "| 2"]  # sorted by S
-    assert all(cell.strip() not in ("", "-") for line in rows for cell in line.strip("|").split("|"))
+    _, image, pixel, paper = re.split(r"^\(.\) .*$", tables, flags=re.MULTILINE)
+    recon = "| S | recon p=20% | recon p=50% |"
+    assert image.strip().startswith(f"{recon} inversion | inversion NLL | inversion sp | inversion paper text |")
+    assert pixel.strip().startswith(f"{recon} inversion | inversion paper text |")
+    assert paper.strip().startswith(f"{recon} inversion | inversion paper text |")
+    for table in (image, pixel):
+        rows = table_rows(table.strip())
+        assert [row[0] for row in rows] == ["1", "2"]  # sorted by S
+        assert all(0 <= float(cell) <= 1 for row in rows for cell in row[1:])  # every equal-NFE cell scored
+    auroc = r"\d\.\d{3}"
+    # S = 1 has no paper cell (p S < 1); S = 2: p = 20 % gives 0.4 (empty), p = 50 % grid index 1 (NFE 1)
+    one, two = table_rows(paper.strip())
+    assert one[:3] == ["1", "-", "-"] and two[:2] == ["2", "-"] and re.fullmatch(rf"{auroc} \(NFE 1\)", two[2])
+    assert all(re.fullmatch(rf"{auroc} \(NFE {s}\)", cell) for s, row in ((1, one), (2, two)) for cell in row[3:])
     assert (out / "recon_vs_inversion.png").stat().st_size > 0
-    assert len((out / "ablation.csv").read_text().splitlines()) == 1 + 6
+    assert len((out / "ablation.csv").read_text().splitlines()) == 1 + 9
 
 
 @pytest.mark.slow  # scores 2 settings of the model trained above
