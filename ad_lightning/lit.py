@@ -83,7 +83,7 @@ class FeatureDDPM(LightningModule):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        lr: float = 3e-4,
+        lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.01,

@@ -13,7 +13,7 @@ Prints two comparisons, a row per S:
 (b) InvAD's Table 4 cells: reconstruction on the S-point grid over the schedule, denoised from grid
     index p S (NFE = p S; "-" where p S is not a whole number >= 1, as in the paper), image AUROC and
     NFE per cell, beside inversion at the same S (NFE = S).
-Saves them as DIR/recon_vs_inversion.md, the figure (a) as DIR/recon_vs_inversion.png, and what
+Saves them as DIR.md (beside DIR), the figure (a) as DIR/recon_vs_inversion.png, and what
 `ablate` writes (DIR/ablation.csv, DIR/runs/<setting>/, the per-metric plots). Expected (InvAD,
 docs/methods.md section 8): reconstruction is poor at small S and depends on p; inversion does not.
 
@@ -129,9 +129,9 @@ def main() -> None:
         paper_table(rows, steps, perturbations),
     )
     text = "\n\n".join(f"{title}\n\n{markdown_table(t, list(t[0]))}" for title, t in zip(TITLES, tables))
-    (args.out / "recon_vs_inversion.md").write_text(text + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")  # beside DIR: a committed results file
     plot = figure(rows, steps, perturbations, args.out / "recon_vs_inversion.png")
-    print(f"\n{text}\n\ntables: {args.out / 'recon_vs_inversion.md'}\nfigure: {plot}")
+    print(f"\n{text}\n\ntables: {args.out.with_suffix('.md')}\nfigure: {plot}")
 
 
 if __name__ == "__main__":

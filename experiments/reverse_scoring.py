@@ -8,7 +8,7 @@ inversion steps S, from one trained model.
 
 Prints a table, a row per S: the image AUROC of NLL only, of the spatial norm only and of their
 combination (the `likelihood` score), and the median of each score on normal and anomalous images.
-Saves it as DIR/reverse_scoring.md, the histograms DIR/reverse_scoring.png, and what `ablate` writes.
+Saves it as DIR.md (beside DIR), the histograms DIR/reverse_scoring.png, and what `ablate` writes.
 Expected (docs/methods.md section 5): as S grows, NLL reverses (normal images get the lower likelihood:
 AUROC below 0.5) while the spatial norm holds.
 
@@ -76,9 +76,9 @@ def main() -> None:
     results, _ = run_ablation(ckpt_path, settings, datamodule, args.out, device, overrides)
     table = [summary(r) for r in results]
     text = f"NLL and spatial norm per S (normal vs anomalous test images)\n\n{markdown_table(table, list(table[0]))}"
-    (args.out / "reverse_scoring.md").write_text(text + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")  # beside DIR: a committed results file
     figure = histograms(results, args.out / "reverse_scoring.png")
-    print(f"\n{text}\n\ntable:  {args.out / 'reverse_scoring.md'}\nfigure: {figure}")
+    print(f"\n{text}\n\ntable:  {args.out.with_suffix('.md')}\nfigure: {figure}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_recon_vs_inversion_prints_and_saves_its_tables_and_figure(recon_vs_inve
     assert "trained here, a short run of 1 epoch(s)" in printed and "image size 64" in printed
     assert "CPU cores" in printed and "thread(s)" in printed
     assert (out / "fit" / "checkpoints" / "last.ckpt").is_file()
-    tables = (out / "recon_vs_inversion.md").read_text()
+    tables = out.with_suffix(".md").read_text()
     assert tables.strip() in printed
     _, image, pixel, paper = re.split(r"^\(.\) .*$", tables, flags=re.MULTILINE)
     recon = "| S | recon p=20% | recon p=50% |"
@@ -78,7 +78,7 @@ def test_reverse_scoring_reuses_a_checkpoint_and_prints_its_table(recon_vs_inver
     out, fitted = tmp_path / "reverse", recon_vs_inversion[0] / "fit"
     printed = run_script("reverse_scoring.py", "--ckpt_path", str(fitted), *TINY, "--steps", "2,1", "--out", str(out))
     assert "given (1 training steps)" in printed and "CPU cores" in printed  # what was measured, and where
-    table = (out / "reverse_scoring.md").read_text()
+    table = out.with_suffix(".md").read_text()
     assert table.strip() in printed
     assert "| S | NLL AUROC | spatial norm AUROC | combined AUROC | NLL median normal | NLL median anomalous |" in table
     assert [line.split(" | ")[0] for line in table.splitlines() if line[:3] in ("| 1", "| 2")] == ["| 1", "| 2"]
