@@ -88,8 +88,7 @@ class Setting:
     def name(self) -> str:
         """Run directory name, e.g. `likelihood_t0_S3`, `irf_t200`, `irf_ridge_mode=relative`."""
         label = lambda key: OPTION_LABELS[key] if key in sweeps(self.head) else f"{key}="  # noqa: E731
-        text = lambda v: f"{v:g}" if isinstance(v, float) else str(v).replace(" ", "")  # noqa: E731
-        return "_".join([self.head, *(f"{label(k)}{text(v)}" for k, v in self.values)])
+        return "_".join([self.head, *(f"{label(k)}{value_text(v)}" for k, v in self.values)])
 
     def columns(self) -> dict:
         """The setting's CSV columns: the classic options, and any other arguments as JSON in `args`."""
@@ -97,6 +96,15 @@ class Setting:
         other = {k: v for k, v in values.items() if k not in OPTION_LABELS}
         return {"head": self.head, "steps": values.get("steps"), "timestep": values.get("timesteps"),
                 "perturbation": values.get("perturbation"), "args": json.dumps(other) if other else None}  # fmt: skip
+
+
+def value_text(value: object) -> str:
+    """A setting value as it appears in a run name: 0.2, [100,200], irf+patchcore (a weights mapping)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "+".join(k if w == 1 else f"{k}{value_text(w)}" for k, w in value.items())
+    return str(value).replace(" ", "")
 
 
 @dataclass
@@ -131,8 +139,12 @@ def settings_grid(
     return settings
 
 
-def grid_settings(grid: dict[str, dict[str, list]]) -> list[Setting]:
-    """`--grid`: head -> argument -> values; every combination of each head's values is a setting."""
+def grid_settings(grid: dict[str, dict[str, list]] | list[dict[str, dict[str, list]]]) -> list[Setting]:
+    """`--grid`: head -> argument -> values; every combination of each head's values is a setting (`{}`:
+    the head as configured). A list of such mappings gives their settings one after another (so one
+    head can vary one argument at a time)."""
+    if isinstance(grid, list):
+        return [setting for part in grid for setting in grid_settings(part)]
     if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
         raise UsageError(f"--grid {grid!r} must map heads to {{argument: [values]}}, e.g. '{{irf: {{t_star: [100, 200]}}}}'")
     settings = []

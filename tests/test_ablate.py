@@ -228,3 +228,10 @@ def test_checkpoint_missing_model_weights_is_refused(trained, tmp_path):
     torch.save(ckpt, broken)
     with pytest.raises(BadInputError, match="lacks .* model weights"):
         ablate.load_setting(str(broken), ckpt, Setting.of("irf", timesteps=10), torch.device("cpu"), {})
+
+
+def test_a_list_of_grids_varies_one_argument_at_a_time():
+    grid = grid_settings([{"irf": {}}, {"irf": {"t_star": [100, [100, 400]]}}, {"ensemble": {"weights": [{"irf": 1.0, "patchcore": 0.5}]}}])
+    assert [s.name for s in grid] == ["irf", "irf_t_star=100", "irf_t_star=[100,400]", "ensemble_weights=irf+patchcore0.5"]
+    assert grid[0].head_args == {} and grid[2].head_args == {"t_star": [100, 400]}
+    check_settings(grid, num_timesteps=1000)
