@@ -356,8 +356,10 @@ def number_list(text: str, kind: type) -> list:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def grid_option(text: str) -> dict:
-    """`--grid` as YAML (JSON is YAML too)."""
+def grid_option(text: str) -> dict | list:
+    """`--grid` as YAML (JSON is YAML too), given inline or as the path of a YAML file."""
+    if text.endswith((".yaml", ".yml")) and Path(text).is_file():
+        text = Path(text).read_text()
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -6,7 +6,8 @@ and the table holds each setting's mean over categories with 95 % bootstrap inte
         --grid '{irf: {ridge_mode: [absolute, relative]}, patchcore: {coreset_ratio: [0.1]}}'
 
 `--benchmark DIR` is the run directory `python -m ad_lightning benchmark --out DIR.csv` wrote (one
-`<category>/fit/checkpoints/last.ckpt` each). `--grid` is `ablate`'s: head -> argument -> values (YAML);
+`<category>/fit/checkpoints/last.ckpt` each). `--grid` is `ablate`'s (inline YAML or a YAML file such as
+experiments/levers.yaml): head -> argument -> values, or a list of such mappings;
 an `ensemble` setting fits its members too. Writes `<out>.csv` and `<out>.md` (a row per setting:
 mean image / pixel AUROC and their intervals, AUPRO, F1, NFE, ms per image, and the paired difference
 of image AUROC to the first setting of the grid, positive = better, with its interval) and each
