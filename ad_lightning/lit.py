@@ -290,10 +290,10 @@ class FeatureDDPM(LightningModule):
         `fit_heads_every_n_epochs` epochs if asked), before this epoch's checkpoint is written: the
         checkpoint callback saves after the module's `on_train_epoch_end`."""
         every = self.hparams.fit_heads_every_n_epochs
-        if self._training_ends() or (every and (self.current_epoch + 1) % every == 0):
+        if self.training_ends() or (every and (self.current_epoch + 1) % every == 0):
             self.fit_heads(self.trainer.datamodule, cached=True)
 
-    def _training_ends(self) -> bool:
+    def training_ends(self) -> bool:
         """Whether this epoch is the last one: the step budget or the epoch count is reached, or a
         callback asked to stop."""
         trainer = self.trainer

@@ -99,8 +99,8 @@ def test_output_checkpoints_and_resume_follow_default_root_dir(tree, tmp_path):
 def test_a_killed_fit_resumes_under_default_root_dir(tree, tmp_path):
     """SIGKILL mid-epoch 2, then `fit --ckpt_path last` under the same root continues from the saved step."""
     root = tmp_path / "elsewhere"
-    args = [sys.executable, "-m", "ad_lightning", "fit", *TINY, *HEADS, "--data.root", str(tree),
-            "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(root)]  # fmt: skip
+    args = [sys.executable, "-m", "ad_lightning", "fit", *TINY, *HEADS, "--data.root", str(tree), "--trainer.max_epochs",
+            "4", "--trainer.default_root_dir", str(root), "--trainer.callbacks.every_n_steps", "1"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "training"), "OMP_NUM_THREADS": "1"}
     killer = ["--trainer.callbacks+=killer.KillAt", "--trainer.callbacks.epoch", "2", "--trainer.callbacks.batch", "1"]
     killed = subprocess.run([*args, *killer], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
