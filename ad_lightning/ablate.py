@@ -187,6 +187,10 @@ class FeaturesOnce:
     def val_images(self) -> Tensor | None:
         return self.datamodule.val_images()
 
+    @property
+    def head_features(self) -> Tensor | None:
+        return self.datamodule.head_features
+
 
 def load_setting(ckpt_path: str, ckpt: dict, setting: Setting, device: torch.device, overrides: dict) -> FeatureDDPM:
     """The checkpoint's model with `setting`'s head only (an ensemble with its members before it; their

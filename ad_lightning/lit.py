@@ -112,6 +112,7 @@ class FeatureDDPM(LightningModule):
         self.alpha_bar = linear_alpha_bar(num_timesteps, beta_start, beta_end)
         self._recorder: TestRecorder | None = None
         self._train_features: Tensor | None = None  # raw backbone features of the train split [N, C, h, w], CPU
+        self._head_features: Tensor | None = None  # those the heads fit on: the same, or held-out normal images
         self.noise_seed = torch.initial_seed()  # set by seed_everything; kept in checkpoints for resuming
         self.heads_fitted_step: int | None = None  # the global step whose EMA weights the heads were fitted on
         self.checkpoint_step: int | None = None  # the global step of the checkpoint this model was loaded from
@@ -218,6 +219,7 @@ class FeatureDDPM(LightningModule):
             raise RuntimeError("FeatureDDPM trains from an AnomalyDataModule (e.g. --data Demo or --data MVTecAD)")
         device = self.trainer.strategy.root_device
         self._train_features = datamodule.cache_features(self.backbone.to(device), device)
+        self._head_features = datamodule.head_features
         self.feature_norm.fit(self._train_features)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -273,11 +275,12 @@ class FeatureDDPM(LightningModule):
         self.ema.update_parameters(self.denoiser)
 
     def train_z0(self, batch: int = 64) -> Iterator[Tensor]:
-        """Standardised features of the normal training split, in batches [b, C, h, w] on this device."""
-        if self._train_features is None:
+        """Standardised features the heads are fitted on (the normal training split, or the images held out
+        of training with `--data.head_fit_fraction`), in batches [b, C, h, w] on this device."""
+        if self._head_features is None:
             raise RuntimeError("the training features are cached by `fit` or `fit_heads`; call one of them first")
-        for start in range(0, len(self._train_features), batch):
-            yield self.feature_norm(self._train_features[start : start + batch].to(self.device).float())
+        for start in range(0, len(self._head_features), batch):
+            yield self.feature_norm(self._head_features[start : start + batch].to(self.device).float())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out diffusion loss on normal validation images (the heads are not fitted here)."""
@@ -329,6 +332,7 @@ class FeatureDDPM(LightningModule):
         computes them. The feature standardiser keeps the statistics the denoiser was trained with."""
         if not cached:
             self._train_features = datamodule.cache_features(self.backbone.to(self.device), self.device)
+            self._head_features = datamodule.head_features
         was_training = self.ema.training
         self.ema.eval()
         with torch.no_grad(), float32_maths(self.device):

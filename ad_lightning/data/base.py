@@ -195,6 +195,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
         feature_cache: str = "memory",
         cache_dir: str | None = None,
         hflip: bool = False,
+        head_fit_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if feature_cache not in FEATURE_CACHES:
@@ -212,6 +213,11 @@ class AnomalyDataModule(lightning.LightningDataModule):
             )
         if not 0.0 < val_fraction < 1.0:
             raise BadInputError(f"val_fraction={val_fraction} must be in (0, 1); set --data.val_fraction, e.g. 0.1")
+        if not 0.0 <= head_fit_fraction < 1.0:
+            raise BadInputError(
+                f"head_fit_fraction={head_fit_fraction} must be in [0, 1) (0: the heads fit on the denoiser's own "
+                "training images); set --data.head_fit_fraction"
+            )
         sizes = {"image_size": image_size, "train_batch_size": train_batch_size, "eval_batch_size": eval_batch_size}
         for name, value in sizes.items():
             if value < 1:
@@ -229,6 +235,9 @@ class AnomalyDataModule(lightning.LightningDataModule):
         self.feature_cache = feature_cache
         self.cache_dir = cache_dir
         self.hflip = hflip
+        self.head_fit_fraction = head_fit_fraction
+        self.head_dataset: Dataset | None = None  # normal images held out of training to fit the heads on, if any
+        self.head_features: Tensor | None = None  # the features the heads are fitted on (set by cache_features)
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of files left out under on_bad_file="skip"
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -301,16 +310,22 @@ class AnomalyDataModule(lightning.LightningDataModule):
         if self.test_dataset is not None:
             return
         self.check_root()
-        train, val, test = [], [], []
+        train, val, test, head = [], [], [], []
         for category in self.categories:
             train_good, test_samples = self.make_samples(category)
             train_good = self._screen(train_good)
             if self.on_bad_file == "skip":  # a bad or missing mask leaves its image out, listed in metrics.json
                 test_samples = self._screen(test_samples)
             category_train, category_val = split_normal(train_good, category, self.val_fraction, self.seed)
+            if self.head_fit_fraction > 0:  # the heads fit on normal images the denoiser never trained on
+                category_train, category_head = split_normal(
+                    category_train, category, self.head_fit_fraction, self.seed + 1, option="head_fit_fraction"
+                )
+                head += category_head
             train += category_train
             val += category_val
             test += test_samples
+        self.head_dataset = self.make_dataset(head, "train") if head else None
         self.train_dataset = self.make_dataset(train, "train")
         self.val_dataset = self.make_dataset(val, "val")
         self.test_dataset = self.make_dataset(test, "test")
@@ -352,7 +367,9 @@ class AnomalyDataModule(lightning.LightningDataModule):
         are computed, for the statistics. With `hflip` the training set is the N items followed by
         their N mirrored copies, features computed on flipped images: a fixed set, so the order of
         every epoch is the sampler's (seed, epoch) draw alone and a resumed run replays it. Returns
-        the training features of the unmirrored images [N, C, h, w] (feature statistics, head fits).
+        the training features of the unmirrored images [N, C, h, w] (the feature statistics); the features
+        the heads fit on are `head_features` (the same, or with `head_fit_fraction`, images held out of
+        training).
 
         Under DDP each rank encodes only its shard of each split (every world-th image) and the shards
         are all-gathered, so every rank ends with the same tensors in dataset order (`encoded` counts
@@ -376,6 +393,7 @@ class AnomalyDataModule(lightning.LightningDataModule):
             return gather_shards(part, len(dataset), self.trainer.strategy)
 
         train = features(self.train_dataset, "train features")
+        self.head_features = train if self.head_dataset is None else features(self.head_dataset, "head-fit features")
         if self.feature_cache == "off":
             mirrored = Mirrored(self.train_dataset)
             self.feature_sets = {"train": ConcatDataset([self.train_dataset, mirrored])} if self.hflip else {}

@@ -105,3 +105,17 @@ def test_checkpoints_from_before_the_marker_count_as_fitted(tree, tmp_path):
     del ckpt["heads_fitted_step"]  # as written before heads were fitted once per run
     torch.save(ckpt, tmp_path / "legacy.ckpt")
     assert FeatureDDPM.from_checkpoint(str(tmp_path / "legacy.ckpt")).heads_current
+
+
+def test_heads_can_fit_on_normal_images_the_denoiser_never_trained_on(tmp_path, make_mvtec_tree, monkeypatch):
+    """--data.head_fit_fraction holds a share of the training images out of training for the heads' fits."""
+    monkeypatch.chdir(tmp_path)
+    root = make_mvtec_tree(tmp_path / "data", n_train=24, n_test_good=4)
+    data = MVTecAD(root, "widget", image_size=64, head_fit_fraction=0.25)
+    data.setup()
+    train, val, head = ({s.image_path for s in d.samples} for d in (data.train_dataset, data.val_dataset, data.head_dataset))
+    assert (len(train), len(val), len(head)) == (16, 2, 6) and not (train & head or train & val or val & head)
+    seen = []
+    monkeypatch.setattr(FeatureDDPM, "fit_heads", lambda self, dm, cached=False: seen.append(len(self._head_features)))
+    run("fit", root, "--trainer.max_epochs", "1", "--data.head_fit_fraction", "0.25")
+    assert seen == [6]  # the Gaussians and forests see the 6 held-out images, the denoiser the 16 others
