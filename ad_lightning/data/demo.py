@@ -15,14 +15,9 @@ types each, every defect with a pixel-exact mask. Every image is a pure function
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
-import os
-import shutil
-import tempfile
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +31,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from ad_lightning.data.mvtec import MVTecAD
+from ad_lightning.data.generated import GeneratedSet, default_root, ensure_generated, generator_main, set_settings
 
 DEMO_VERSION = 1  # bump whenever rendering changes, so cached sets are regenerated
 SETTINGS_FILE = "demo.json"
@@ -551,8 +546,7 @@ def _plan(
 
 def default_demo_root() -> Path:
     """Where the demo set lives: `$AD_LIGHTNING_DATA/demo`, else `~/.cache/ad_lightning/demo`."""
-    data = os.environ.get("AD_LIGHTNING_DATA")
-    return Path(data).expanduser() / "demo" if data else Path.home() / ".cache" / "ad_lightning" / "demo"
+    return default_root("demo")
 
 
 def generate_demo(
@@ -585,75 +579,23 @@ def generate_demo(
     return root
 
 
-_GENERATE_SIGNATURE = inspect.signature(generate_demo)
+_GENERATE_SIGNATURE = inspect.signature(generate_demo)  # at import: the record does not change if it is patched
 
 
 def _settings(seed: int, **kwargs) -> dict:
     """The JSON record of a set: `generate_demo`'s arguments with defaults filled in, validated."""
-    bound = _GENERATE_SIGNATURE.bind(None, seed, **kwargs)
-    bound.apply_defaults()
-    categories = bound.arguments["categories"]
-    categories = [categories] if isinstance(categories, str) else list(categories)
-    settings = {**bound.arguments, "categories": categories, "version": DEMO_VERSION}
-    del settings["root"]
-    for name in settings["categories"]:
-        _check_name(name, "good")
-    minimum = {"seed": 0, "n_train": 1, "n_test_good": 0, "n_per_defect": 1, "image_size": 32}
-    for name, least in minimum.items():
-        value = settings[name]
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-            raise ValueError(f"demo setting {name}={value!r} must be an integer >= {least}")
-        settings[name] = int(value)
-    return settings
-
-
-def _read_settings(root: Path) -> dict | None:
-    """The settings of the complete set in `root`, or None if there is none."""
-    try:
-        return json.loads((root / SETTINGS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return set_settings(_GENERATE_SIGNATURE, seed, DEMO_VERSION, lambda name: _check_name(name, "good"), "demo", **kwargs)
 
 
 def ensure_demo(root: Path | None = None, seed: int = 0, **kwargs) -> Path:
-    """The demo set at `root` (default: `default_demo_root()`), generated only once.
-
-    Reuses a complete set made with the same settings; otherwise renders into a hidden sibling
-    directory and renames it into place, so an interrupted run never leaves a set that looks
-    complete. `kwargs` are `generate_demo`'s (categories, counts, image_size)."""
+    """The demo set at `root` (default: `default_demo_root()`), generated only once, atomically
+    (`ensure_generated`). `kwargs` are `generate_demo`'s (categories, counts, image_size)."""
     root = Path(root).expanduser() if root is not None else default_demo_root()
-    settings = _settings(seed, **kwargs)
-    if _read_settings(root) == settings:
-        return root
-    if root.exists() and any(root.iterdir()) and _read_settings(root) is None:
-        raise FileExistsError(
-            f"{root} exists and is not a demo set (no {SETTINGS_FILE}); pass a new or empty directory as root"
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    partial_dir = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
-    try:
-        generate_demo(partial_dir, seed, **kwargs)
-        _move_into_place(partial_dir, root, settings)
-    finally:
-        shutil.rmtree(partial_dir, ignore_errors=True)
-    return root
+    generate = lambda directory: generate_demo(directory, seed, **kwargs)  # noqa: E731
+    return ensure_generated(root, _settings(seed, **kwargs), SETTINGS_FILE, generate, "demo")
 
 
-def _move_into_place(new: Path, root: Path, settings: dict) -> None:
-    """Replace `root` by the finished set `new` by renaming (an old set is first moved aside,
-    then deleted); keeps `root` if a concurrent run has already put the same set there."""
-    if _read_settings(root) == settings:
-        return
-    stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".stale", dir=root.parent))
-    try:
-        if root.exists():
-            root.rename(stale / root.name)
-        new.rename(root)
-    finally:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-class Demo(MVTecAD):
+class Demo(GeneratedSet):
     """The built-in generated demo set (MVTec layout), written once into a cache directory.
 
     `root=None` uses `$AD_LIGHTNING_DATA/demo` or `~/.cache/ad_lightning/demo`; nothing is downloaded.
@@ -668,36 +610,13 @@ class Demo(MVTecAD):
         super().__init__(root if root is not None else default_demo_root(), category, **kwargs)
         self.demo_seed = demo_seed
 
-    def prepare_data(self) -> None:
-        ensure_demo(self.root, seed=self.demo_seed)
-
-    def setup(self, stage: str | None = None) -> None:
-        ensure_demo(self.root, seed=self.demo_seed)  # also when prepare_data did not run (e.g. a bare setup call)
-        super().setup(stage)
+    def ensure(self) -> Path:
+        return ensure_demo(self.root, seed=self.demo_seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m ad_lightning.data.demo --root DIR --seed 0`: generate the demo set by hand."""
-    parser = argparse.ArgumentParser(description="Generate the built-in demo data set (MVTec-AD layout).")
-    parser.add_argument("--root", type=Path, default=None, help="output directory (default: the user cache)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--categories", default=",".join(DEMO_CATEGORIES), help="comma-separated subset")
-    parser.add_argument("--n-train", type=int, default=160)
-    parser.add_argument("--n-test-good", type=int, default=40)
-    parser.add_argument("--n-per-defect", type=int, default=10)
-    parser.add_argument("--image-size", type=int, default=256)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    root = ensure_demo(
-        args.root,
-        args.seed,
-        categories=tuple(args.categories.split(",")),
-        n_train=args.n_train,
-        n_test_good=args.n_test_good,
-        n_per_defect=args.n_per_defect,
-        image_size=args.image_size,
-    )
-    print(f"demo set ready at {root} ({time.perf_counter() - start:.1f} s)")
+    generator_main(argv, "demo", ensure_demo, DEMO_CATEGORIES, {"n_train": 160, "n_test_good": 40, "n_per_defect": 10})
 
 
 if __name__ == "__main__":

@@ -32,14 +32,9 @@ defect-free twin differ only inside the mask.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
-import os
-import shutil
-import tempfile
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,7 +73,7 @@ from ad_lightning.data.demo import (
     _stroke,
 )
 from ad_lightning.data.images import BadInputError
-from ad_lightning.data.mvtec import MVTecAD
+from ad_lightning.data.generated import GeneratedSet, default_root, ensure_generated, generator_main, set_settings
 
 PHOTOS_VERSION = 1  # bump whenever rendering changes, so cached sets are regenerated
 SETTINGS_FILE = "photos.json"
@@ -430,8 +425,7 @@ def _plan(
 
 def default_photos_root() -> Path:
     """Where the photos set lives: `$AD_LIGHTNING_DATA/photos`, else `~/.cache/ad_lightning/photos`."""
-    data = os.environ.get("AD_LIGHTNING_DATA")
-    return Path(data).expanduser() / "photos" if data else Path.home() / ".cache" / "ad_lightning" / "photos"
+    return default_root("photos")
 
 
 def _write_sample(root: Path, seed: int, image_size: int, item: tuple[str, str, str, int]) -> None:
@@ -470,84 +464,23 @@ def generate_photos(
     return root
 
 
-_GENERATE_SIGNATURE = inspect.signature(generate_photos)
+_GENERATE_SIGNATURE = inspect.signature(generate_photos)  # at import: the record does not change if it is patched
 
 
 def _settings(seed: int, **kwargs: Any) -> dict:
     """The JSON record of a set: `generate_photos`' arguments with defaults filled in, validated."""
-    bound = _GENERATE_SIGNATURE.bind(None, seed, **kwargs)
-    bound.apply_defaults()
-    categories = bound.arguments["categories"]
-    categories = [categories] if isinstance(categories, str) else list(categories)
-    settings = {**bound.arguments, "categories": categories, "version": PHOTOS_VERSION}
-    del settings["root"]
-    for name in settings["categories"]:
-        _check_name(name, "good")
-    minimum = {"seed": 0, "n_train": 1, "n_test_good": 0, "n_per_defect": 1, "image_size": 32}
-    for name, least in minimum.items():
-        value = settings[name]
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-            raise BadInputError(f"photos setting {name}={value!r} must be an integer >= {least}")
-        settings[name] = int(value)
-    return settings
-
-
-# --------------------------------------------------------------------------- cached, atomic generation
-
-
-def _read_settings(root: Path, settings_file: str) -> dict | None:
-    """The settings of the complete generated set in `root`, or None if there is none."""
-    try:
-        return json.loads((root / settings_file).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def ensure_generated(root: Path, settings: dict, settings_file: str, generate: Callable[[Path], Any]) -> Path:
-    """The generated set described by `settings` at `root`, made by `generate(directory)` only once.
-
-    Reuses a complete set (its `settings_file`, written last, equals `settings`); otherwise
-    renders into a hidden sibling directory and renames it into place, so an interrupted run
-    never leaves a set that looks complete, and never replaces a directory that is not a set."""
-    if _read_settings(root, settings_file) == settings:
-        return root
-    if root.exists() and any(root.iterdir()) and _read_settings(root, settings_file) is None:
-        raise FileExistsError(
-            f"{root} exists and is not a generated set (no {settings_file}); pass a new or empty directory as root"
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    partial_dir = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
-    try:
-        generate(partial_dir)
-        _move_into_place(partial_dir, root, settings, settings_file)
-    finally:
-        shutil.rmtree(partial_dir, ignore_errors=True)
-    return root
-
-
-def _move_into_place(new: Path, root: Path, settings: dict, settings_file: str) -> None:
-    """Replace `root` by the finished set `new` by renaming (an old set is first moved aside,
-    then deleted); keeps `root` if a concurrent run has already put the same set there."""
-    if _read_settings(root, settings_file) == settings:
-        return
-    stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".stale", dir=root.parent))
-    try:
-        if root.exists():
-            root.rename(stale / root.name)
-        new.rename(root)
-    finally:
-        shutil.rmtree(stale, ignore_errors=True)
+    return set_settings(_GENERATE_SIGNATURE, seed, PHOTOS_VERSION, lambda name: _check_name(name, "good"), "photos", **kwargs)
 
 
 def ensure_photos(root: Path | None = None, seed: int = 0, **kwargs: Any) -> Path:
-    """The photos set at `root` (default: `default_photos_root()`), generated only once (see
-    `ensure_generated`). `kwargs` are `generate_photos`' (categories, counts, image_size)."""
+    """The photos set at `root` (default: `default_photos_root()`), generated only once, atomically
+    (`ensure_generated`). `kwargs` are `generate_photos`' (categories, counts, image_size)."""
     root = Path(root).expanduser() if root is not None else default_photos_root()
-    settings = _settings(seed, **kwargs)
-    return ensure_generated(root, settings, SETTINGS_FILE, lambda directory: generate_photos(directory, seed, **kwargs))
+    generate = lambda directory: generate_photos(directory, seed, **kwargs)  # noqa: E731
+    return ensure_generated(root, _settings(seed, **kwargs), SETTINGS_FILE, generate, "photos")
 
 
-class Photos(MVTecAD):
+class Photos(GeneratedSet):
     """The generated real-photograph development set (MVTec layout), written once into a cache directory.
 
     `root=None` uses `$AD_LIGHTNING_DATA/photos` or `~/.cache/ad_lightning/photos`; nothing is downloaded.
@@ -562,36 +495,13 @@ class Photos(MVTecAD):
         super().__init__(root if root is not None else default_photos_root(), category, **kwargs)
         self.photos_seed = photos_seed
 
-    def prepare_data(self) -> None:
-        ensure_photos(self.root, seed=self.photos_seed)
-
-    def setup(self, stage: str | None = None) -> None:
-        ensure_photos(self.root, seed=self.photos_seed)  # also when prepare_data did not run (e.g. a bare setup call)
-        super().setup(stage)
+    def ensure(self) -> Path:
+        return ensure_photos(self.root, seed=self.photos_seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m ad_lightning.data.photos --root DIR --seed 0`: generate the photos set by hand."""
-    parser = argparse.ArgumentParser(description="Generate the real-photograph development set (MVTec-AD layout).")
-    parser.add_argument("--root", type=Path, default=None, help="output directory (default: the user cache)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--categories", default=",".join(PHOTO_CATEGORIES), help="comma-separated subset")
-    parser.add_argument("--n-train", type=int, default=100)
-    parser.add_argument("--n-test-good", type=int, default=24)
-    parser.add_argument("--n-per-defect", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=256)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    root = ensure_photos(
-        args.root,
-        args.seed,
-        categories=tuple(args.categories.split(",")),
-        n_train=args.n_train,
-        n_test_good=args.n_test_good,
-        n_per_defect=args.n_per_defect,
-        image_size=args.image_size,
-    )
-    print(f"photos set ready at {root} ({time.perf_counter() - start:.1f} s)")
+    generator_main(argv, "photos", ensure_photos, PHOTO_CATEGORIES, {"n_train": 100, "n_test_good": 24, "n_per_defect": 8})
 
 
 if __name__ == "__main__":

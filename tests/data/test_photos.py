@@ -190,7 +190,7 @@ def test_an_interrupted_generation_is_regenerated(tmp_path, monkeypatch):
 
 def test_ensure_refuses_to_replace_foreign_data(tmp_path):
     (tmp_path / "mine.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not a generated set"):
+    with pytest.raises(FileExistsError, match="not a photos set"):
         ensure_photos(tmp_path, **TINY)
     assert (tmp_path / "mine.txt").read_text() == "user data"
 
