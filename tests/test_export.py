@@ -9,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ad_lightning import Detector
+from ad_lightning import Detector, export
 from ad_lightning.cli import main
+from ad_lightning.data import MVTecAD
 from ad_lightning.data.demo import ensure_demo
 from ad_lightning.data.images import BadInputError, list_images, read_image
 from ad_lightning.errors import UsageError
+from ad_lightning.heads import HeadOutput
 from ad_lightning.inference import OnnxScorer, load_model
+from ad_lightning.lit import FeatureDDPM
 
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
@@ -70,7 +73,7 @@ def test_images(demo) -> torch.Tensor:
 
 @USES_THE_EXPORTED_MODEL
 @pytest.mark.parametrize("head", HEADS)
-def test_exported_scores_and_maps_match_the_eager_model_on_demo_images(ckpt, exported, test_images, head):
+def test_exported_scores_and_maps_match_the_eager_model_on_demo_images(ckpt, exported, test_images, demo, head):
     model, _ = load_model(str(ckpt), torch.device("cpu"))
     eager = model.score_batch(test_images, heads=[head])[head]
     scorer = OnnxScorer.open(exported[head])
@@ -82,9 +85,21 @@ def test_exported_scores_and_maps_match_the_eager_model_on_demo_images(ckpt, exp
     one = scorer(test_images[3:4])  # the batch axis is dynamic: one image scores as in the batch
     assert (one.score - onnx_scores.score[3:4]).abs().max() <= TOLERANCE
 
-    fitted = model.heads[head]  # what predict needs rides along in the metadata
-    assert (scorer.head, scorer.image_size, scorer.threshold) == (head, IMAGE_SIZE, float(fitted.threshold))
-    assert scorer.map_range == (float(fitted.map_low), float(fitted.map_high))
+    # what predict needs rides along in the metadata: the deployed threshold is the 99th percentile of the
+    # normal validation images' scores, the map range their feature-grid maps' extremes, both recomputed here
+    fitted, validation = model.heads[head], validation_images(demo)
+    with torch.no_grad():
+        normal, maps = fitted.score(fitted.evaluate(model.encode(validation), model.eps_fn, model.alpha_bar))
+    assert (scorer.head, scorer.image_size) == (head, IMAGE_SIZE) and len(validation) == 10
+    assert scorer.threshold == pytest.approx(float(np.percentile(normal.double().numpy(), 99)), rel=1e-4)
+    assert scorer.map_range == pytest.approx((float(maps.min()), float(maps.max())), rel=1e-4)
+
+
+def validation_images(demo: Path) -> torch.Tensor:
+    """The normal validation split the `ckpt` fixture's model was calibrated on: [10, 3, 256, 256]."""
+    data = MVTecAD(demo, "fabric", image_size=IMAGE_SIZE, val_fraction=0.25)
+    data.setup()
+    return torch.stack([item["image"] for item in data.val_dataset])
 
 
 def predict_rows(model_path: Path, head: str, images: Path, out: Path) -> list[dict]:
@@ -120,6 +135,26 @@ def test_predict_refuses_another_head_or_size_than_exported(exported, demo, tmp_
         main([*args, "--head", "likelihood"])
     with pytest.raises(UsageError, match=r"exported for 256 x 256 images, not 128"):
         main([*args, "--head", "irf", "--image_size", "128"])
+
+
+def test_a_failed_check_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The graph is written and opened, then the comparison with the eager model fails: the export is
+    refused and neither the file nor its partial copy remains."""
+    model = FeatureDDPM(pretrained=False, heads="likelihood").eval()
+    model.feature_norm.fit(torch.randn(4, model.backbone.out_channels, 2, 2))
+    head = model.heads["likelihood"]
+    head.calibrate(HeadOutput({"nll": torch.arange(12.0), "sp": torch.arange(12.0)}, torch.rand(12, 2, 2)))
+    seen = []
+
+    def failing_compare(graph, scorer, images):
+        seen.extend(sorted(p.name for p in tmp_path.iterdir()))  # what was on disk while checking
+        raise RuntimeError("the exported likelihood graph differs from the eager model")
+
+    monkeypatch.setattr(export, "compare", failing_compare)
+    with pytest.raises(RuntimeError, match="differs from the eager model"):
+        export.export_onnx(model, "likelihood", tmp_path / "likelihood.onnx", image_size=32)
+    assert len(seen) == 1 and seen[0].startswith(".likelihood.onnx.") and seen[0].endswith(".partial")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_onnx_file_without_our_metadata_is_refused(tmp_path):

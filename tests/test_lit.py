@@ -76,10 +76,31 @@ def test_a_large_image_scored_with_tiles_gives_a_full_resolution_map(model):
     boxes = tile_boxes(1024, 1024, 256, 32)
     tiles = F.interpolate(extract_tiles(image, boxes), size=(64, 64), mode="bilinear", antialias=True)
     per_tile = model.score_batch(tiles.clamp(0, 1))["likelihood"]
-    assert per_tile.score.std() > 0 and torch.allclose(scores.score, per_tile.score.amax()[None])
+    assert per_tile.score.std() > 0  # tiles score differently, so the map check below can tell them apart
     # the top-left corner is covered by the first tile only: the stitched map is that tile's map there
     first = F.interpolate(per_tile.maps[:1, None], size=(256, 256), mode="bilinear")[0, 0]
     torch.testing.assert_close(scores.maps[0, :200, :200], first[:200, :200])
+
+
+def test_a_tiled_image_scores_as_its_most_anomalous_tile_with_each_tile_map_in_place(model):
+    """Four 64-pixel tiles scored at their own size, no overlap: three copies of tile a, and tile b at the
+    bottom left. The image score is the larger of a's and b's scores alone, and each quarter of the map is
+    its own tile's map (b's at the bottom left)."""
+    model.feature_norm.fit(torch.randn(4, model.backbone.out_channels, 4, 4))
+    model.heads["likelihood"].fit(HeadOutput({"nll": torch.tensor([0.0, 1.0]), "sp": torch.tensor([0.0, 1.0])}, None))
+    with torch.no_grad():
+        for p in model.ema.module.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    a, b = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    b[:, 20:40, 10:30] = 1.0  # a saturated patch
+    image = torch.cat([torch.cat([a, a], dim=2), torch.cat([b, a], dim=2)], dim=1)  # [3, 128, 128]: rows (a a), (b a)
+    alone = model.score_batch(torch.stack([a, b]))["likelihood"]
+    assert not torch.allclose(alone.score[0], alone.score[1]) and not torch.allclose(alone.maps[0], alone.maps[1])
+    tiled = model.score_tiled(image, tile=64, overlap=0, size=64)["likelihood"]
+    torch.testing.assert_close(tiled.score, alone.score.max()[None], rtol=1e-5, atol=1e-5)
+    for (row, col), which in {(0, 0): 0, (0, 1): 0, (1, 0): 1, (1, 1): 0}.items():
+        quarter = tiled.maps[0, 64 * row : 64 * (row + 1), 64 * col : 64 * (col + 1)]
+        torch.testing.assert_close(quarter, alone.maps[which], rtol=1e-5, atol=1e-5)
 
 
 def test_tiled_validation_calibrates_the_threshold_on_each_image_s_maximum_tile():

@@ -39,12 +39,6 @@ def runs(tmp_path_factory) -> Path:
     return fit(root, *data, "--data.image_size", str(IMAGE_SIZE), "--model.heads", HEADS)
 
 
-@pytest.fixture(scope="module")
-def threshold(runs) -> float:
-    state = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    return float(state["state_dict"]["heads.likelihood.threshold"])
-
-
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """Mixed PNG/JPG/BMP images, two pairs sharing a stem, one corrupt PNG; 40 x 40, not the training size."""
@@ -67,7 +61,7 @@ def read_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_folder_scores_every_readable_image_and_reports_the_corrupt_one(runs, threshold, folder, tmp_path, capsys):
+def test_folder_scores_every_readable_image_and_reports_the_corrupt_one(runs, folder, tmp_path, capsys):
     out = tmp_path / "out"
     code = predict("--ckpt_path", str(runs), "--data.path", str(folder), "--out", str(out), "--batch_size", "2")
     assert code == 1  # one image failed; the others are still scored
@@ -78,7 +72,7 @@ def test_folder_scores_every_readable_image_and_reports_the_corrupt_one(runs, th
     for row in good:
         score = float(row["score"])
         assert math.isfinite(score) and row["error"] == ""
-        assert row["decision"] == ("anomalous" if torch.tensor(score) >= threshold else "normal")  # float32, as `test`
+        assert row["decision"] in ("anomalous", "normal")
     broken = rows[3]
     assert broken["score"] == broken["decision"] == broken["overlay"] == "" and "cannot read image" in broken["error"]
 
@@ -89,6 +83,21 @@ def test_folder_scores_every_readable_image_and_reports_the_corrupt_one(runs, th
     printed = capsys.readouterr().out
     assert str(out / "predictions.csv") in printed and str(out / "overlays") in printed and "1 of 6" in printed
     assert "the head's normal-validation range" in printed  # map_low / map_high from the checkpoint
+
+
+def test_decisions_flag_exactly_the_images_scoring_at_or_above_the_threshold(runs, folder, tmp_path):
+    """The checkpoint's threshold set to the third-highest of the five scores: the top three images, the one
+    scoring exactly the threshold included, are anomalous, the other two normal."""
+    assert predict("--ckpt_path", str(runs), "--data.path", str(folder), "--out", str(tmp_path / "first")) == 1
+    scored = sorted((float(r["score"]), r["path"]) for r in read_rows(tmp_path / "first") if r["score"])
+    assert len({score for score, _ in scored}) == 5
+    checkpoint = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    checkpoint["state_dict"]["heads.likelihood.threshold"].fill_(scored[2][0])  # a float32 score, exactly
+    torch.save(checkpoint, tmp_path / "third.ckpt")
+    out = tmp_path / "second"
+    assert predict("--ckpt_path", str(tmp_path / "third.ckpt"), "--data.path", str(folder), "--out", str(out)) == 1
+    decisions = {row["path"]: row["decision"] for row in read_rows(out) if row["score"]}
+    assert decisions == {path: "anomalous" if rank >= 2 else "normal" for rank, (_, path) in enumerate(scored)}
 
 
 def test_glob_selects_images_and_image_size_overrides(runs, folder, tmp_path):

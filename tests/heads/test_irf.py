@@ -11,6 +11,12 @@ from ad_lightning.heads import IRFHead, build_head
 from ad_lightning.heads.irf import Gaussian
 
 A = linear_alpha_bar(1000)
+A333 = 0.31862  # alpha_bar at t = 333 of the linear schedule, the published value
+
+
+def predicts_zero_x0(x, t):
+    """A network whose clean-sample estimate is 0: eps = x / sqrt(1 - a_t), so x - sqrt(1 - a_t) eps = 0."""
+    return x / torch.sqrt(1 - A[t]).to(x.dtype).view(-1, 1, 1, 1)
 
 
 def double(x, t):
@@ -64,16 +70,26 @@ def test_unfitted_or_wrong_grid_gaussian_says_how_to_fix():
         Gaussian("pixel")
 
 
-@pytest.mark.parametrize("mode", ["clean", "noise_free"])
-def test_residual_is_z0_minus_predicted_x0_at_t_star(mode):
+@pytest.mark.parametrize("mode", ["clean", "noise_free", "stochastic"])
+def test_the_residual_is_z0_when_the_network_estimates_x0_as_zero(mode):
     z0 = torch.randn(2, 3, 4, 4)
-    head = IRFHead(t_star=200, input=mode)
-    a = float(A[200])
-    x = z0 if mode == "clean" else math.sqrt(a) * z0
-    r, eps = head.residual(z0, double, A, 200)
-    assert torch.allclose(eps, 2 * x)
-    assert torch.allclose(r, z0 - (x - math.sqrt(1 - a) * 2 * x) / math.sqrt(a), atol=1e-5)
+    head = IRFHead(t_star=333, input=mode)
+    r = head.residual(z0, predicts_zero_x0, A, 333)[0]
+    torch.testing.assert_close(r, z0, rtol=1e-5, atol=1e-5)
     assert head.nfe == 1
+
+
+def test_the_residual_of_a_network_predicting_the_true_noise_is_zero():
+    """The true noise of the noise-free state sqrt(a) z0 is 0, of the stochastic state the seeded field; the
+    clean state z0 read as a noisy sample with eps = 0 has x0_hat = z0 / sqrt(a): r = (1 - 1/sqrt(a)) z0."""
+    z0 = torch.randn(2, 3, 4, 4)
+    zero = lambda x, t: torch.zeros_like(x)
+    seeded = lambda x, t: torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(5)).expand_as(x)
+    assert IRFHead(t_star=333, input="noise_free").residual(z0, zero, A, 333)[0].abs().max() < 1e-6
+    assert IRFHead(t_star=333, input="stochastic", seed=5).residual(z0, seeded, A, 333)[0].abs().max() < 1e-5
+    r, eps = IRFHead(t_star=333, input="clean").residual(z0, zero, A, 333)
+    torch.testing.assert_close(r, (1 - 1 / math.sqrt(A333)) * z0, rtol=1e-4, atol=1e-5)
+    assert torch.equal(eps, torch.zeros_like(z0))
 
 
 def test_stochastic_input_is_seeded_and_shared_by_images():
@@ -92,18 +108,38 @@ def test_head_scores_an_outlier_position_highest_with_max_and_topk():
     train = [torch.randn(16, 3, 4, 4) for _ in range(3)]
     test = torch.randn(2, 3, 4, 4)
     test[1, :, 2, 1] += 8.0
-    for reduction in ("max", "topk"):
-        head = build_head("irf", reduction=reduction, topk=3, input="clean")
-        head.fit_train(iter(train), double, A)
-        out = head.evaluate(test, double, A)
+    # x0_hat = 0, so the residual is z0: each test position's scipy distance under its position's Gaussian,
+    # and the prior's ||eps|| = ||z0|| / sqrt(1 - a) with the published a_333
+    vectors = torch.cat(train).flatten(2).double().numpy()  # [N, C, h, w] -> [N, C, h*w]
+    points = test.flatten(2).double().numpy()  # [2, C, h*w]
+    d = np.array([[reference_distance(vectors[:, :, p], points[b, :, p], 0.01) for p in range(16)] for b in range(2)])
+    norms = np.linalg.norm(points, axis=1) / math.sqrt(1 - A333)  # [2, h*w]
+    assert int(d[1].argmax()) == 2 * 4 + 1
+    for reduction, top in (("max", 1), ("topk", 3)):
+        head = build_head("irf", t_star=333, reduction=reduction, topk=3, input="clean")
+        head.fit_train(iter(train), predicts_zero_x0, A)
+        out = head.evaluate(test, predicts_zero_x0, A)
         score, m = head.score(out)
         assert m.shape == (2, 4, 4) and int(m[1].flatten().argmax()) == 2 * 4 + 1
+        np.testing.assert_allclose(score.numpy(), np.sort(d, axis=1)[:, -top:].mean(1), rtol=1e-4)
+        np.testing.assert_allclose(out.terms["prior"].numpy(), np.sort(norms, axis=1)[:, -top:].mean(1), rtol=1e-4)
         assert score[1] > score[0]
-        if reduction == "topk":
-            assert float(score[1]) == pytest.approx(float(m[1].flatten().topk(3).values.mean()))
-        norm = (2 * test).norm(dim=1).flatten(1)  # prior term: ||eps|| per position
-        want = norm.amax(1) if reduction == "max" else norm.topk(3, dim=1).values.mean(1)
-        assert torch.allclose(out.terms["prior"], want, atol=1e-5)
+
+
+def test_per_position_diagonal_gaussian_distance_by_hand():
+    """`covariance: diagonal`, one Gaussian per position, absolute ridge: sqrt(sum_c (x_c - mu_c)^2 / (var_c + ridge))
+    with numpy's per-position mean and unbiased variance of the training residuals (here z0 itself)."""
+    train, test = scaled_train(8), torch.randn(2, 3, 2, 2, dtype=torch.float64) * 3
+    train[:, :, 0, 1] *= 10.0  # one position far more spread out than the others
+    head = build_head("irf", t_star=333, covariance="diagonal", ridge=0.01, input="noise_free")
+    head.fit_train(iter(train.float().split(9)), predicts_zero_x0, A)
+    got = head.evaluate(test.float(), predicts_zero_x0, A).map
+    for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        vectors = train[:, :, i, j].numpy()
+        var = vectors.var(0, ddof=1) + 0.01
+        for b in range(2):
+            want = math.sqrt(((test[b, :, i, j].numpy() - vectors.mean(0)) ** 2 / var).sum())
+            assert float(got[b, i, j]) == pytest.approx(want, rel=1e-4)
 
 
 def test_fitted_gaussian_survives_a_weights_only_checkpoint(tmp_path):
