@@ -51,7 +51,8 @@ def ablated(trained, tmp_path_factory):
         original = AnomalyDataModule.cache_features
         mp.setattr(AnomalyDataModule, "cache_features", lambda self, *a: passes.append(1) or original(self, *a))
         mp.setattr("ad_lightning.ablate.log_ablation", lambda *a, **k: logged.append((a, k)))
-        main(["ablate", "--ckpt_path", str(trained / "runs"), "--steps", "1,2", "--timesteps", "0,100",
+        main(["ablate", "--ckpt_path", str(trained / "runs"), "--heads", "likelihood,irf,reconstruction",
+              "--steps", "1,2", "--timesteps", "0,100",
               "--perturbation", "0.2", "--latency_images", "2", "--device", "cpu", "--wandb", "--out", str(out)])  # fmt: skip
     return out, passes, logged
 
