@@ -1,55 +1,89 @@
-"""The README's headline table: every head's mean over categories on both development sets, from the
-benchmark tables the `benchmark` command wrote (one model per category).
+"""The README's headline tables: every head of one model per development set (trained on all of the set's
+categories, as the README's first command trains on the demo set), from the sets' `test` runs.
 
-    python experiments/headline.py        # reads results/demo.csv and results/photos.csv
+    python experiments/headline.py --run demo=results/first_command_runs/version_1 \\
+        --run photos=results/budget_photos/steps1000/all_heads
 
-Writes results/headline.csv and results/headline.md (image / pixel AUROC, AUPRO, F1 at the deployed
-threshold, ms per image at batch 1, per set).
+Writes results/headline.csv and .md (per head and set: mean over categories of image / pixel AUROC,
+AUPRO, F1 at the deployed threshold, the share of normal test images flagged at that threshold (its target
+is 1 - threshold_q, 1 %), ms per image at batch 1) and results/headline_categories.csv and
+.md (image / pixel AUROC per set, category and head).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 from ad_lightning.evaluation.tables import markdown_table, write_csv
 
-SETS = {"demo": Path("results/demo.csv"), "photos": Path("results/photos.csv")}
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "ms_per_image")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1", "normal_fpr", "ms_per_image")
 SHORT = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "f1": "F1",
-         "ms_per_image": "ms / image"}  # fmt: skip
+         "normal_fpr": "normal FPR", "ms_per_image": "ms / image"}  # fmt: skip
 
 
-def mean_rows(path: Path) -> dict[str, dict]:
-    """head -> its mean row of a benchmark CSV (raw terms such as likelihood_nll left out)."""
-    with path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["category"] == "mean" and r["accuracy"] != ""]
-    return {r["head"]: r for r in rows}
+def named_run(text: str) -> tuple[str, Path]:
+    name, _, path = text.partition("=")
+    if not path or not (Path(path) / "metrics.json").is_file():
+        raise argparse.ArgumentTypeError(f"--run {text!r}: give NAME=DIR, DIR a complete test run (its metrics.json)")
+    return name, Path(path)
 
 
-def number(text: str) -> float | None:
-    return None if text in ("", None) else float(text)
+def scored_heads(heads: dict) -> dict[str, dict]:
+    """The heads with a deployed decision and a map (raw terms such as likelihood_nll left out)."""
+    return {h: v for h, v in heads.items() if "pixel_auroc" in v}
+
+
+def normal_fpr(run: Path, thresholds: dict[str, float]) -> dict[str, float]:
+    """head -> the share of normal test images (scores.csv label 0) at or above its deployed threshold."""
+    with (run / "scores.csv").open() as f:
+        normal = [row for row in csv.DictReader(f) if row["label"] == "0"]
+    return {h: sum(float(row[h]) >= t for row in normal) / len(normal) for h, t in thresholds.items()}
+
+
+def load_run(run: Path) -> dict:
+    """A test run's metrics.json, with each head's normal_fpr added."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    for head, fpr in normal_fpr(run, metrics["thresholds"]["deployed_image_threshold"]).items():
+        metrics["heads"][head]["normal_fpr"] = fpr
+    return metrics
+
+
+def summary(runs: dict[str, dict]) -> list[dict]:
+    """A row per set and head: its mean over the set's categories."""
+    return [
+        {"set": s, "head": h, **{SHORT[m]: v.get(m) for m in METRICS}}
+        for s, metrics in runs.items()
+        for h, v in scored_heads(metrics["heads"]).items()
+    ]
+
+
+def by_category(runs: dict[str, dict]) -> list[dict]:
+    return [
+        {"set": s, "category": c, "head": h, "image_auroc": v["image_auroc"], "pixel_auroc": v["pixel_auroc"]}
+        for s, metrics in runs.items()
+        for c, values in metrics["categories"].items()
+        for h, v in scored_heads(values["heads"]).items()
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=named_run, action="append", required=True, help="NAME=DIR of a test run")
     parser.add_argument("--out", type=Path, default=Path("results/headline.csv"))
     args = parser.parse_args()
-    means = {name: mean_rows(path) for name, path in SETS.items()}
-    heads = list(dict.fromkeys(h for rows in means.values() for h in rows))
-    columns = ["head", *(f"{s} {SHORT[m]}" for s in SETS for m in METRICS)]
-    rows = []
-    for head in heads:
-        row = {"head": head}
-        for name in SETS:
-            source = means[name].get(head, {})
-            row.update({f"{name} {SHORT[m]}": number(source.get(m)) for m in METRICS})
-        rows.append(row)
+    runs = {name: load_run(path) for name, path in args.run}
+    rows, columns = summary(runs), ["set", "head", *SHORT.values()]
     write_csv(args.out, rows, columns)
     table = markdown_table(rows, columns)
     args.out.with_suffix(".md").write_text(table + "\n")
-    print(table + f"\n\nresults: {args.out}")
+    categories = args.out.with_name(args.out.stem + "_categories.csv")
+    category_columns = ("set", "category", "head", "image_auroc", "pixel_auroc")
+    write_csv(categories, by_category(runs), category_columns)
+    categories.with_suffix(".md").write_text(markdown_table(by_category(runs), category_columns) + "\n")
+    print(table + f"\n\nresults: {args.out}, {categories}")
 
 
 if __name__ == "__main__":

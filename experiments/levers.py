@@ -6,7 +6,8 @@ and the table holds each setting's mean over categories with 95 % bootstrap inte
         --grid '{irf: {ridge_mode: [absolute, relative]}, patchcore: {coreset_ratio: [0.1]}}'
 
 `--benchmark DIR` is the run directory `python -m ad_lightning benchmark --out DIR.csv` wrote (one
-`<category>/fit/checkpoints/last.ckpt` each). `--grid` is `ablate`'s (inline YAML or a YAML file such as
+`<category>/fit/checkpoints/last.ckpt` each); `--ckpt_path CKPT` is instead one model of several categories
+(e.g. one trained with `--data.category all`), scored on all of them at once. `--grid` is `ablate`'s (inline YAML or a YAML file such as
 experiments/levers.yaml): head -> argument -> values, or a list of such mappings;
 an `ensemble` setting fits its members too. Writes `<out>.csv` and `<out>.md` (a row per setting:
 mean image / pixel AUROC and their intervals, AUPRO, F1, NFE, ms per image, and the paired difference
@@ -80,16 +81,19 @@ def summary_row(setting: Setting, per_category: list[Result], first: list[Result
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", type=Path, required=True, help="a benchmark's run directory")
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--benchmark", type=Path, help="a benchmark's run directory (one model per category)")
+    models.add_argument("--ckpt_path", help="one model, scored on all of its categories")
     parser.add_argument("--grid", type=grid_option, required=True, help="head -> argument -> values (YAML)")
     parser.add_argument("--out", type=Path, required=True, help="output stem: <out>.csv, <out>.md, <out>/")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     settings = grid_settings(args.grid)
     device = resolve_device(args.device)
-    print(f"levers: {len(settings)} settings x {len(checkpoints(args.benchmark))} categories; machine: {machine()}")
+    models = {"all": args.ckpt_path} if args.ckpt_path else checkpoints(args.benchmark)
+    print(f"levers: {len(settings)} settings x {len(models)} model(s); machine: {machine()}")
     by_setting: dict[str, list[Result]] = {s.name: [] for s in settings}
-    for category, ckpt_path in checkpoints(args.benchmark).items():
+    for category, ckpt_path in models.items():
         print(f"levers: category {category}", flush=True)
         for result in score_category(ckpt_path, settings, args.out / category, device):
             by_setting[result.setting.name].append(result)
