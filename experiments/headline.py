@@ -32,8 +32,8 @@ def named_run(text: str) -> tuple[str, Path]:
 
 
 def scored_heads(heads: dict) -> dict[str, dict]:
-    """The heads with a deployed decision and a map (raw terms such as likelihood_nll left out)."""
-    return {h: v for h, v in heads.items() if "pixel_auroc" in v}
+    """The heads with a deployed decision (raw terms such as likelihood_nll left out)."""
+    return {h: v for h, v in heads.items() if "f1" in v}
 
 
 def normal_fpr(run: Path, thresholds: dict[str, float]) -> dict[str, float]:
@@ -62,7 +62,7 @@ def summary(runs: dict[str, dict]) -> list[dict]:
 
 def by_category(runs: dict[str, dict]) -> list[dict]:
     return [
-        {"set": s, "category": c, "head": h, "image_auroc": v["image_auroc"], "pixel_auroc": v["pixel_auroc"]}
+        {"set": s, "category": c, "head": h, "image_auroc": v["image_auroc"], "pixel_auroc": v.get("pixel_auroc")}
         for s, metrics in runs.items()
         for c, values in metrics["categories"].items()
         for h, v in scored_heads(values["heads"]).items()

@@ -1,8 +1,11 @@
-"""Detection-quality levers, measured on one model per category (a benchmark's fitted checkpoints):
-every head setting of a grid is fitted on each category's normal train/validation splits and tested,
+"""Detection-quality levers, measured on one model of several categories or one model per category (a
+benchmark's fitted checkpoints): every head setting of a grid is fitted on the normal train/validation
+splits and tested,
 and the table holds each setting's mean over categories with 95 % bootstrap intervals over test images.
 
-    python experiments/levers.py --benchmark results/demo --out results/levers_demo \\
+    python experiments/levers.py --ckpt_path results/budget_demo/steps1000/fit/checkpoints/last.ckpt \\
+        --grid experiments/levers.yaml --out results/levers_demo
+    python experiments/levers.py --benchmark results/mvtec --out results/levers_mvtec \\
         --grid '{irf: {ridge_mode: [absolute, relative]}, patchcore: {coreset_ratio: [0.1]}}'
 
 `--benchmark DIR` is the run directory `python -m ad_lightning benchmark --out DIR.csv` wrote (one

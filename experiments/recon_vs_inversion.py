@@ -23,7 +23,7 @@ choice on a busy CPU), load average 4 to 5: the default run (42 settings) 11 min
 memory (fabric, image AUROC: inversion 0.77 to 0.85, paper-text inversion 0.75 to 0.84,
 reconstruction 0.46 to 0.63 at equal NFE and 0.45 to 0.66 in the paper's cells). Before (b) and the
 paper-text inversion were added (24 settings), the benchmark's fabric model at 256 x 256
-(`--ckpt_path results/demo/fabric/fit`, from `python -m ad_lightning benchmark`) took 14 min 27 s
+(a fabric model at 256 x 256 from `python -m ad_lightning benchmark`) took 14 min 27 s
 under load 5 to 7.
 """
 

@@ -15,7 +15,7 @@ AUROC below 0.5) while the spatial norm holds.
 Without --ckpt_path a short `tiny` model is trained first (one category, 100 epochs = 500 steps at
 128 x 128; the output says so). Measured on the shared 2-core CPU, load average 5 to 7, one torch
 thread: the default run 2 min 41 s (fabric: NLL AUROC 0.82 at S = 2, 0.39 at S = 50; spatial norm
-0.80 to 0.84); with the benchmark's fabric model (`--ckpt_path results/demo/fabric/fit`) 1 min 59 s
+0.80 to 0.84); with a 256 x 256 fabric model from `benchmark` 1 min 59 s
 (NLL 0.90 -> 0.16, spatial norm 0.92 to 0.97).
 """
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +30,14 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from ad_lightning.data.generated import GeneratedSet, default_root, ensure_generated, generator_main, set_settings
+from ad_lightning.data.generated import (
+    GeneratedSet,
+    default_root,
+    ensure_generated,
+    generator_main,
+    sample_key,
+    set_settings,
+)
 
 DEMO_VERSION = 1  # bump whenever rendering changes, so cached sets are regenerated
 SETTINGS_FILE = "demo.json"
@@ -517,7 +523,7 @@ def render_sample(
     `with_defect=False` renders the very same scene, lighting and noise without the defect,
     so `image != clean` only inside the mask."""
     _check_name(category, kind)
-    key = [seed, zlib.crc32(category.encode()), zlib.crc32(f"{split}/{kind}".encode()), index]
+    key = sample_key(seed, category, split, kind, index)
     spec = _CATEGORIES[category]
     scene = spec.scene(np.random.default_rng([*key, 0]), image_size)
     base, mask = scene.base, None

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from ad_lightning.data.mvtec import MVTecAD
 
 MINIMUM = {"seed": 0, "n_train": 1, "n_test_good": 0, "n_per_defect": 1, "image_size": 32}  # least allowed values
 
+
+
+def sample_key(seed: int, category: str, split: str, kind: str, index: int) -> list[int]:
+    """The random-generator key of one generated image: (seed, category, split, kind, index) alone, so
+    an image never depends on the order of generation or on which other images were generated."""
+    return [seed, zlib.crc32(category.encode()), zlib.crc32(f"{split}/{kind}".encode()), index]
 
 def default_root(name: str) -> Path:
     """Where a generated set lives: `$AD_LIGHTNING_DATA/<name>`, else `~/.cache/ad_lightning/<name>`."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
@@ -73,7 +72,14 @@ from ad_lightning.data.demo import (
     _stroke,
 )
 from ad_lightning.data.images import BadInputError
-from ad_lightning.data.generated import GeneratedSet, default_root, ensure_generated, generator_main, set_settings
+from ad_lightning.data.generated import (
+    GeneratedSet,
+    default_root,
+    ensure_generated,
+    generator_main,
+    sample_key,
+    set_settings,
+)
 
 PHOTOS_VERSION = 1  # bump whenever rendering changes, so cached sets are regenerated
 SETTINGS_FILE = "photos.json"
@@ -399,7 +405,7 @@ def render_sample(
     `with_defect=False` renders the very same view, jitter and noise without the defect,
     so `image != clean` only inside the mask."""
     _check_name(category, kind)
-    key = [seed, zlib.crc32(category.encode()), zlib.crc32(f"{split}/{kind}".encode()), index]
+    key = sample_key(seed, category, split, kind, index)
     spec = _CATEGORIES[category]
     scene = _scene(np.random.default_rng([*key, 0]), spec.view, image_size)
     base, mask = scene.base, None
