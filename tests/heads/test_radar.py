@@ -62,7 +62,7 @@ def test_attention_map_of_a_padded_grid_has_the_feature_grid_shape(net):
     z0 = torch.randn(3, 8, 14, 14)
     _, attention = eps_fn_of(net)(z0, torch.zeros(3, dtype=torch.long), return_attention=True)
     assert [a.shape[-1] for a in attention] == [49, 16, 49, 49]
-    head = build_head("radar")
+    head = build_head("radar", map="attention")
     head.fit_train(iter([torch.randn(8, 8, 14, 14)]), eps_fn_of(net), A)
     m = head.evaluate(z0, eps_fn_of(net), A).map
     assert m.shape == (3, 14, 14) and torch.isfinite(m).all() and (m > 0).all()
@@ -117,11 +117,11 @@ def test_pixel_decisions_are_otsu_inside_anomalous_images_only():
 
 
 def test_radar_state_round_trips_through_a_weights_only_checkpoint(net, tmp_path):
-    head = build_head("radar")
+    head = build_head("radar", map="attention")  # the map with fitted state of its own (mean attention rows)
     eps_fn = eps_fn_of(net)
     head.fit_train(iter([torch.randn(8, 8, 16, 16)]), eps_fn, A)
     torch.save(head.state_dict(), tmp_path / "radar.pt")
-    fresh = build_head("radar")
+    fresh = build_head("radar", map="attention")
     fresh.load_state_dict(torch.load(tmp_path / "radar.pt", weights_only=True))
     z0 = torch.randn(2, 8, 16, 16)
     a, b = head.evaluate(z0, eps_fn, A), fresh.evaluate(z0, eps_fn, A)
@@ -130,7 +130,7 @@ def test_radar_state_round_trips_through_a_weights_only_checkpoint(net, tmp_path
 
 def test_unfitted_radar_and_bad_map_say_how_to_fix(net):
     with pytest.raises(RuntimeError, match="not fitted"):
-        build_head("radar").evaluate(torch.randn(1, 8, 16, 16), eps_fn_of(net), A)
+        build_head("radar", map="attention").evaluate(torch.randn(1, 8, 16, 16), eps_fn_of(net), A)
     with pytest.raises(ValueError, match="map"):
         RadarHead(map="gradcam")
 

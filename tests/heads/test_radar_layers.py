@@ -38,7 +38,7 @@ def kl_map_by_hand(train: torch.Tensor, test: torch.Tensor) -> np.ndarray:
 
 
 def fitted(layers, eps_fn, train) -> RadarHead:
-    head = RadarHead(layers=layers)
+    head = RadarHead(map="attention", layers=layers)
     head.fit_train(iter(train.split(5)), eps_fn, A)
     return head
 
