@@ -64,7 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clone, data = Path(tmp) / "clone", Path(tmp) / "data"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        fresh = ("PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # as in a new shell
+        env = {k: v for k, v in os.environ.items() if k not in fresh}
         env.update(AD_LIGHTNING_DATA=str(data), PIP_NO_INPUT="1", WANDB_MODE="offline")
         stages = run_stages(first_command(clone / "README.md"), clone, env)
         heads = head_rows(clone)
