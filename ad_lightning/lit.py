@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 import json
+import time
 import warnings
 from contextlib import nullcontext
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -336,9 +338,12 @@ class FeatureDDPM(LightningModule):
         was_training = self.ema.training
         self.ema.eval()
         with torch.no_grad(), float32_maths(self.device):
-            for head in self.heads.values():
+            for name, head in self.heads.items():
                 if head.needs_train_fit:
+                    start = time.perf_counter()
                     head.fit_train(self.train_z0(), self.eps_fn, self.alpha_bar)
+                    rank_zero_info(f"heads: {name} fitted on the training features in {time.perf_counter() - start:.1f} s")
+            start = time.perf_counter()
             outputs: dict[str, list[HeadOutput]] = {}
             for z0 in self._val_z0(datamodule):
                 for name, head in self.heads.items():
@@ -346,6 +351,7 @@ class FeatureDDPM(LightningModule):
                         outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
             normal = {name: HeadOutput.cat(chunks) for name, chunks in outputs.items()}
             self._calibrate_heads(normal, datamodule.val_images())
+        rank_zero_info(f"heads: calibrated on the normal validation split in {time.perf_counter() - start:.1f} s")
         self.ema.train(was_training)
         self.heads_fitted_step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
 
