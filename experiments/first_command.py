@@ -50,10 +50,10 @@ def run_stages(command: str, clone: Path, env: dict) -> list[dict]:
 
 
 def head_rows(clone: Path) -> list[dict]:
-    """Each head's mean over the categories, from the newest test run's metrics.json."""
+    """Each head's mean over the categories (heads with a deployed decision), from the newest test run's metrics.json."""
     path = max(clone.glob("runs/*/metrics.json"), key=lambda p: p.stat().st_mtime)
     heads = json.loads(path.read_text())["heads"]
-    return [{"head": h, **{c: v.get(c) for c in HEAD_COLUMNS[1:]}} for h, v in heads.items() if "pixel_auroc" in v]
+    return [{"head": h, **{c: v.get(c) for c in HEAD_COLUMNS[1:]}} for h, v in heads.items() if "f1" in v]
 
 
 def main() -> None:
