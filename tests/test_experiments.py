@@ -1,7 +1,10 @@
-"""experiments/recon_vs_inversion.py and experiments/reverse_scoring.py on a tiny tree with tiny settings."""
+"""experiments/recon_vs_inversion.py and experiments/reverse_scoring.py on a tiny tree with tiny settings;
+headline.py on fake test runs; first_command.py's reading of the README."""
 
 import contextlib
+import csv
 import io
+import json
 import re
 import runpy
 import sys
@@ -84,3 +87,44 @@ def test_reverse_scoring_reuses_a_checkpoint_and_prints_its_table(recon_vs_inver
     assert [line.split(" | ")[0] for line in table.splitlines() if line[:3] in ("| 1", "| 2")] == ["| 1", "| 2"]
     assert (out / "reverse_scoring.png").stat().st_size > 0
     assert not (out / "fit").exists()  # the given checkpoint was used, nothing trained
+
+
+def fake_test_run(run: Path, normal_scores: list[float], threshold: float) -> Path:
+    """A test run directory as `test` writes it: metrics.json (one category, an irf head with a map, an
+    iforest head without one, a raw term) and scores.csv (two anomalous images, then the normal ones)."""
+    run.mkdir(parents=True)
+    irf = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "f1": 0.6, "ms_per_image": 5.0}
+    iforest = {"image_auroc": 0.55, "f1": 0.1, "ms_per_image": 1.0}
+    heads = {"irf": irf, "irf_prior": {"image_auroc": 0.5}, "iforest": iforest}
+    metrics = {"heads": heads, "categories": {"widget": {"heads": heads}},
+               "thresholds": {"deployed_image_threshold": {"irf": threshold, "iforest": 100.0}}}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rows = [("a0.png", 1, 9.0), ("a1.png", 1, 8.0)] + [(f"n{i}.png", 0, s) for i, s in enumerate(normal_scores)]
+    lines = ["path,label,irf,irf_prior,iforest"] + [f"/d/widget/test/x/{p},{label},{s},0,{s}" for p, label, s in rows]
+    (run / "scores.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_headline_reports_every_decided_head_and_the_normal_false_positive_rate(tmp_path):
+    demo = fake_test_run(tmp_path / "demo", [1.0, 2.0, 3.0, 4.0], threshold=3.0)  # 2 of 4 normals at/above 3
+    photos = fake_test_run(tmp_path / "photos", [1.0, 2.0], threshold=5.0)  # none
+    out = tmp_path / "headline.csv"
+    run_script("headline.py", "--run", f"demo={demo}", "--run", f"photos={photos}", "--out", str(out))
+    with out.open() as f:
+        rows = {(r["set"], r["head"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("demo", "irf"), ("demo", "iforest"), ("photos", "irf"), ("photos", "iforest")}  # no raw term
+    assert float(rows["demo", "irf"]["normal FPR"]) == 0.5 and float(rows["photos", "irf"]["normal FPR"]) == 0.0
+    assert float(rows["demo", "iforest"]["normal FPR"]) == 0.0 and rows["demo", "iforest"]["pixel AUROC"] == ""
+    assert float(rows["demo", "irf"]["image AUROC"]) == 0.9
+    categories = (tmp_path / "headline_categories.md").read_text()
+    assert "| demo | widget | irf | 0.900 | 0.800 |" in categories
+
+
+def test_first_command_runs_the_readme_first_bash_block_stage_by_stage(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # its `harness` import, as `python experiments/...` finds it
+    script = runpy.run_path(str(EXPERIMENTS / "first_command.py"))
+    readme = Path(__file__).parents[1] / "README.md"
+    command = script["first_command"](readme)
+    assert command == readme.read_text().split("```bash\n")[1].split("\n```")[0].strip()
+    stages = command.split(" && ")
+    assert stages[0].startswith("python3 -m venv") and stages[-1].endswith("test --ckpt_path runs")
