@@ -81,8 +81,9 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(table + "\n")
     categories = args.out.with_name(args.out.stem + "_categories.csv")
     category_columns = ("set", "category", "head", "image_auroc", "pixel_auroc")
-    write_csv(categories, by_category(runs), category_columns)
-    categories.with_suffix(".md").write_text(markdown_table(by_category(runs), category_columns) + "\n")
+    category_rows = by_category(runs)
+    write_csv(categories, category_rows, category_columns)
+    categories.with_suffix(".md").write_text(markdown_table(category_rows, category_columns) + "\n")
     print(table + f"\n\nresults: {args.out}, {categories}")
 
 
