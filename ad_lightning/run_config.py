@@ -23,6 +23,7 @@ DEFAULT_MAX_STEPS = 1000  # the training budget when neither --trainer.max_steps
 FROZEN = {  # model options fixed by training, and why
     "backbone": "the denoiser was trained on this backbone's features",
     "out_indices": "the denoiser was trained on these stages' features",
+    "grid": "the denoiser was trained on features on this grid",
     "pretrained": "the backbone's weights are the checkpoint's",
     "backbone_weights": "the backbone's weights are the checkpoint's",
     "feature_norm": "the denoiser was trained on features normalised this way",

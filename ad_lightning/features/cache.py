@@ -163,6 +163,7 @@ def backbone_key(backbone: Backbone, image_size: int) -> dict[str, Any]:
         "version": CACHE_VERSION,
         "backbone": backbone.name,
         "out_indices": list(backbone.model.feature_info.out_indices),
+        "grid": backbone.grid,
         "weights_digest": state_digest(backbone),
         "image_size": image_size,
         "timm": timm.__version__,

@@ -109,10 +109,27 @@ def test_forward_is_normalised_timm_stages_fused_on_coarsest_grid(lite0):
     assert torch.allclose(fused[:, :40], upsampled, atol=1e-6)
 
 
+def test_finest_grid_keeps_stride8_and_upsamples_stride16():
+    backbone = Backbone(grid="finest")
+    image = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    stride8, stride16 = backbone.model((image - 0.5) / 0.5)
+    fused = backbone(image)
+    assert fused.shape == (2, 152, 32, 32) and backbone.stride == 8 and backbone.feature_shape(256) == (152, 32, 32)
+    assert torch.equal(fused[:, :40], stride8)
+    upsampled = F.interpolate(stride16, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
+    assert torch.allclose(fused[:, 40:], upsampled, atol=1e-6)
+
+
+def test_unknown_grid_is_refused_with_the_option_name():
+    with pytest.raises(ValueError, match="grid='middle'.*--model.grid"):
+        Backbone(grid="middle", pretrained=False)
+
+
 @pytest.mark.parametrize(("image_size", "grid"), [(256, 16), (224, 14)])
 def test_lite0_shapes(lite0, image_size, grid):
     assert lite0(torch.rand(2, 3, image_size, image_size)).shape == (2, 152, grid, grid)
     assert lite0.feature_shape(image_size) == (152, grid, grid)
+    assert lite0.stride == 16
     assert (lite0.out_channels, lite0.stride) == (152, 16)
 
 

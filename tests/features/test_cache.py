@@ -117,15 +117,17 @@ def test_a_changed_file_invalidates_exactly_its_entry(root, tmp_path, backbone, 
     assert torch.equal(on_disk(root, tmp_path).cache_features(backbone), after) and encoded == []
 
 
-def test_the_key_changes_with_the_stages_weights_and_image_size(tmp_path, backbone):
+def test_the_key_changes_with_the_stages_grid_weights_and_image_size(tmp_path, backbone):
     same_modules = Backbone(out_indices=(1, 3))  # the same layers as (2, 3): only the fused stages differ
-    assert state_digest(same_modules) == state_digest(backbone)
+    finer = copy.deepcopy(backbone)
+    finer.grid = "finest"  # the same weights and stages, fused at stride 8
+    assert state_digest(same_modules) == state_digest(backbone) == state_digest(finer)
     nudged = copy.deepcopy(backbone)
     with torch.no_grad():
         next(nudged.parameters()).add_(1e-3)
     directory = lambda b, size=SIZE: DiskCache(tmp_path, backbone_key(b, size)).dir  # noqa: E731
-    directories = [directory(backbone), directory(backbone, 64), directory(same_modules), directory(nudged)]
-    assert len(set(directories)) == 4 and directory(backbone) == directories[0]
+    directories = [directory(b) for b in (backbone, same_modules, nudged, finer)] + [directory(backbone, 64)]
+    assert len(set(directories)) == 5 and directory(backbone) == directories[0]
 
 
 def test_another_configuration_never_reads_these_entries(root, tmp_path, backbone, encoded):
