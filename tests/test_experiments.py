@@ -128,3 +128,35 @@ def test_first_command_runs_the_readme_first_bash_block_stage_by_stage(monkeypat
     assert command == readme.read_text().split("```bash\n")[1].split("\n```")[0].strip()
     stages = command.split(" && ")
     assert stages[0].startswith("python3 -m venv") and stages[-1].endswith("test --ckpt_path runs")
+
+
+def test_training_levers_tables_finished_variants_with_paired_differences_to_the_first(tmp_path):
+    out = tmp_path / "levers"
+    for name, normals in (("default", [1.0, 2.0, 8.5, 3.0]), ("finer", [1.0, 2.0, 3.0, 4.0])):
+        fake_test_run(out / name / "test", normals, threshold=5.0)
+        (out / name / "fit_seconds.txt").write_text("12.5\n")
+    variants = "{default: [], finer: [--model.grid, finest], unfinished: {steps: 10}}"
+    printed = run_script("training_levers.py", "--variants", variants, "--only", "default,finer", "--heads", "irf",
+                         "--out", str(out))  # fmt: skip
+    rows = {(r["variant"], r["head"]): r for r in csv.DictReader(out.with_suffix(".csv").open())}
+    assert set(rows) == {("default", "irf"), ("finer", "irf")}  # `unfinished` was neither asked for nor run
+    assert float(rows["default", "irf"]["image_auroc"]) == pytest.approx(0.875)  # 8.5 outranks the anomaly 8
+    assert float(rows["finer", "irf"]["image_auroc"]) == pytest.approx(1.0)
+    assert float(rows["finer", "irf"]["image_vs_default"]) == pytest.approx(0.125)
+    assert rows["default", "irf"]["image_vs_default_interval"] == "[0.000, 0.000]"
+    assert rows["finer", "irf"]["fit_seconds"] == "12.5" and rows["finer", "irf"]["pixel_auroc"] == "0.8"
+    assert out.with_suffix(".md").read_text().strip() in printed
+
+
+def test_training_levers_refuses_a_bad_variant_and_runs_of_other_images(tmp_path):
+    with pytest.raises(SystemExit, match="variant 'x' has unknown keys \\['step'\\]"):
+        run_script("training_levers.py", "--variants", "{x: {step: 10}}", "--out", str(tmp_path / "a"))
+    with pytest.raises(SystemExit, match="no variants \\['y'\\]"):
+        run_script("training_levers.py", "--variants", "{x: []}", "--only", "y", "--out", str(tmp_path / "a"))
+    out = tmp_path / "b"
+    fake_test_run(out / "default" / "test", [1.0, 2.0], threshold=5.0)
+    fake_test_run(out / "other" / "test", [1.0, 2.0, 3.0], threshold=5.0)  # one more normal image
+    for name in ("default", "other"):
+        (out / name / "fit_seconds.txt").write_text("1.0\n")
+    with pytest.raises(SystemExit, match="did not score the same test images"):
+        run_script("training_levers.py", "--variants", "{default: [], other: []}", "--heads", "irf", "--out", str(out))
