@@ -55,19 +55,24 @@ def parse_variants(text: str) -> dict[str, dict]:
 
 def variant_rows(name: str, run: Path, heads: list[str], default: Path | None) -> list[dict]:
     """One row per head of a finished test run; the paired difference to `default`'s run of the same images."""
-    categories = list(json.loads((run / "metrics.json").read_text())["categories"])
+    metrics = json.loads((run / "metrics.json").read_text())
     seconds = float((run.parent / "fit_seconds.txt").read_text())
+    categories = list(metrics["categories"])
+    result = saved_result(Setting(heads[0]), run, categories)  # holds every head's scores
+    reference = None if default is None else saved_result(Setting(heads[0]), default, categories)
+    same_images = reference is None or (
+        reference.categories == result.categories and torch.equal(reference.labels, result.labels)
+    )
+    if not same_images:
+        raise SystemExit(f"{run} and {default} did not score the same test images; retrain one (--force)")
     rows = []
     for head in heads:
-        result = saved_result(Setting(head), run, categories)
         image = bootstrap_image_auroc(result.scores[head], result.labels, result.categories, BOOTSTRAP)
+        measured = metrics["heads"][head]
         row = {"variant": name, "head": head, "image_auroc": image.mean,
-               "image_interval": interval_text(image.low, image.high), "pixel_auroc": result.row.get("pixel_auroc"),
-               "aupro": result.row.get("aupro"), "fit_seconds": seconds}  # fmt: skip
-        if default is not None:
-            reference = saved_result(Setting(head), default, categories)
-            if reference.categories != result.categories or not torch.equal(reference.labels, result.labels):
-                raise SystemExit(f"{run} and {default} did not score the same test images; retrain one (--force)")
+               "image_interval": interval_text(image.low, image.high), "pixel_auroc": measured.get("pixel_auroc"),
+               "aupro": measured.get("aupro"), "fit_seconds": seconds}  # fmt: skip
+        if reference is not None:
             delta = bootstrap_image_auroc_difference(
                 result.scores[head], reference.scores[head], result.labels, result.categories, BOOTSTRAP
             )
@@ -97,9 +102,10 @@ def main() -> None:
     for name in chosen:
         if args.force or not (args.out / name / "test" / "metrics.json").is_file():
             run_budget(args, variants[name]["steps"], name, variants[name]["options"])
-    done = {name: args.out / name / "test" for name in variants if (args.out / name / "test" / "metrics.json").is_file()}
+    runs = {name: args.out / name / "test" for name in variants}
+    done = {name: run for name, run in runs.items() if (run / "metrics.json").is_file()}
     first = next(iter(variants))
-    heads = [h for h in args.heads.split(",")]
+    heads = args.heads.split(",")
     rows = [row for name, run in done.items() for row in variant_rows(name, run, heads, done.get(first))]
     csv_path = args.out.with_suffix(".csv")
     write_csv(csv_path, rows, COLUMNS)

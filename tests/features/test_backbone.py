@@ -129,7 +129,6 @@ def test_unknown_grid_is_refused_with_the_option_name():
 def test_lite0_shapes(lite0, image_size, grid):
     assert lite0(torch.rand(2, 3, image_size, image_size)).shape == (2, 152, grid, grid)
     assert lite0.feature_shape(image_size) == (152, grid, grid)
-    assert lite0.stride == 16
     assert (lite0.out_channels, lite0.stride) == (152, 16)
 
 
