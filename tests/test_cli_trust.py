@@ -32,6 +32,12 @@ def ckpt(tree, tmp_path) -> Path:
     return tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
+def test_a_fit_whose_denoiser_learned_nothing_says_so_and_how_to_fix_it(tree):
+    """At lr 1e-9 the zero-initialised denoiser stays at eps = 0: the heads it fits would score at chance."""
+    with pytest.warns(UserWarning, match=r"has not learned to predict noise.*--model\.lr 1e-09.*lower --model\.lr"):
+        main(["fit", *TINY, *HEADS, "--data.root", str(tree), "--trainer.max_steps", "3", "--model.lr", "1e-9"])
+
+
 def exit_status(capsys, *argv: str) -> tuple[int, str]:
     """(exit status, stderr) of `main(argv)` for a run that must fail."""
     with pytest.raises(SystemExit) as info:

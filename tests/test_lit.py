@@ -1,5 +1,6 @@
 """FeatureDDPM pieces that the CLI smoke tests do not pin: EMA ramp, loss, schedule, scoring path."""
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -130,3 +131,23 @@ def test_printed3d_names_the_image_of_every_validation_tile(tmp_path, write_imag
     data.setup()
     assert data.val_images().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # 2 images of 4 tiles each
     assert Printed3D(tmp_path / "prints", "gear", image_size=32).val_images() is None
+
+
+class Echo(torch.nn.Module):
+    """A denoiser that predicts the state itself: at the last timestep, where the state is almost pure
+    noise, the prediction of one that has learned."""
+
+    def forward(self, x, t):
+        return x
+
+
+def test_heads_fitted_on_a_denoiser_that_learned_nothing_warn_with_the_fix():
+    untrained = FeatureDDPM(pretrained=False)  # zero-initialised output: predicts eps = 0
+    untrained._head_features = torch.randn(4, untrained.backbone.out_channels, 8, 8)
+    untrained.feature_norm.fit(untrained._head_features)
+    with pytest.warns(UserWarning, match=r"has not learned to predict noise.*correlates 0\.000.*--model\.lr 0\.001"):
+        untrained._warn_if_not_learned()
+    untrained.ema.module = Echo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        untrained._warn_if_not_learned()

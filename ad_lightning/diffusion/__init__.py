@@ -1,4 +1,4 @@
-"""Diffusion maths: schedule, timestep grids and DDIM, as pure functions."""
+"""Diffusion maths: schedule, timestep grids, DDIM and a training diagnostic, as pure functions."""
 
 from ad_lightning.diffusion.ddim import (
     EpsFn,
@@ -9,6 +9,7 @@ from ad_lightning.diffusion.ddim import (
     predict_x0,
     q_sample,
 )
+from ad_lightning.diffusion.diagnostics import noise_correlation
 from ad_lightning.diffusion.schedule import linear_alpha_bar, space_timesteps
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ddim_step",
     "ddim_sweep",
     "linear_alpha_bar",
+    "noise_correlation",
     "predict_x0",
     "q_sample",
     "space_timesteps",
