@@ -32,7 +32,7 @@ from ad_lightning.features.standardize import FeatureStandardizer
 from ad_lightning.errors import UsageError
 from ad_lightning.heads import HEADS, EnsembleHead, HeadOutput, Scores, build_head, to_image_map
 from ad_lightning.heads.base import at_resolution
-from ad_lightning.models.registry import build_denoiser
+from ad_lightning.models.registry import DEFAULT_LR, build_denoiser
 
 
 LATENCY_WARMUP = 3  # batch-1 calls discarded before timing
@@ -63,7 +63,8 @@ class FeatureDDPM(LightningModule):
         denoiser: a named size from the registry (`tiny`, `small`, `base`); `denoiser_args` overrides.
         heads: scoring heads used by `test`, e.g. `likelihood`; `head_args` per head, e.g.
             `{likelihood: {steps: 3}}`.
-        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up, then cosine decay.
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up, then cosine decay; `lr`
+            None takes the denoiser size's default (`DEFAULT_LR`: wider UNets diverge at tiny's 1e-3).
         ema_decay: EMA of the denoiser weights; the EMA copy does all scoring.
         blur_sigma: optional Gaussian blur of upsampled anomaly maps (0 = off, as in InvAD), for heads
             that do not set their own (`patchcore` blurs with sigma 4, as its paper does).
@@ -90,7 +91,7 @@ class FeatureDDPM(LightningModule):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        lr: float = 1e-3,
+        lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.01,
@@ -112,6 +113,8 @@ class FeatureDDPM(LightningModule):
         channels = self.backbone.out_channels
         self.feature_norm = FeatureStandardizer(channels, feature_norm)
         self.denoiser = build_denoiser(denoiser, channels, **(denoiser_args or {}))
+        if lr is None:  # stored resolved, so a checkpoint says what it trained with
+            self.hparams.lr = DEFAULT_LR[denoiser]
         self.ema = AveragedModel(self.denoiser, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (DDP checks every parameter)
         self.heads = build_heads(parse_names(heads), head_args or {}, num_timesteps)

@@ -151,3 +151,9 @@ def test_heads_fitted_on_a_denoiser_that_learned_nothing_warn_with_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         untrained._warn_if_not_learned()
+
+
+@pytest.mark.parametrize("denoiser, lr", [("tiny", 1e-3), ("small", 3e-4)])
+def test_the_peak_learning_rate_defaults_to_the_denoiser_size_s_and_a_given_one_wins(denoiser, lr):
+    assert FeatureDDPM(pretrained=False, denoiser=denoiser).hparams.lr == lr
+    assert FeatureDDPM(pretrained=False, denoiser=denoiser, lr=5e-4).hparams.lr == 5e-4
