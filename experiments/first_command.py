@@ -6,7 +6,8 @@ Clones the repository's committed HEAD into a temporary directory, takes the fir
 README.md (the command a new user runs), splits it at ` && ` into stages and runs them one after the
 other in the clone, timing each, with the demo data generated afresh into a temporary directory
 (`AD_LIGHTNING_DATA`), as on a new machine. Writes `<out>.md` (two tables: seconds per stage, and each
-head's mean image and pixel AUROC over the demo categories from the test run's metrics.json) and
+head's mean image and pixel AUROC over the demo categories from the test run's metrics.json; then the
+machine, CPU model included: the trained denoiser differs between CPU models) and
 `<out>.csv` (the heads' table). `--keep DIR` keeps the run directories (the trained model) in DIR.
 """
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="writes <out>.md and <out>.csv")
     parser.add_argument("--keep", type=Path, help="copy the clone's runs/ (the trained model) here")
     args = parser.parse_args()
+    measured_on = machine()  # before the run: the load it started under
     with tempfile.TemporaryDirectory() as tmp:
         clone, data = Path(tmp) / "clone", Path(tmp) / "data"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -74,8 +76,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.out.with_suffix(".csv"), heads, HEAD_COLUMNS)
     table = markdown_table(stages, ("stage", "seconds")) + "\n\n" + markdown_table(heads, HEAD_COLUMNS)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(f"{table}\n\nmeasured on {machine()}\nresults: {args.out.with_suffix('.md')}")
+    args.out.with_suffix(".md").write_text(f"{table}\n\nmeasured on {measured_on}\n")
+    print(f"{table}\n\nmeasured on {measured_on}\nresults: {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

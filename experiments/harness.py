@@ -79,10 +79,19 @@ def threads_for_load() -> int:
     return 1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else torch.get_num_threads()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux): trained weights, and so the diffusion heads' scores,
+    differ between CPU models by their floating-point kernels."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
-    """CPU count and load, platform, torch version and threads, for the record next to a measurement."""
+    """CPU model, count and load, platform, torch version and threads, for the record next to a measurement."""
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (
-        f"{os.cpu_count()} CPU cores (load average {load}), {platform.platform()}, "
+        f"{os.cpu_count()} CPU cores ({cpu_model()}, load average {load}), {platform.platform()}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
     )
