@@ -374,11 +374,12 @@ class FeatureDDPM(LightningModule):
             return
         step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
         rank_zero_warn(
-            f"the denoiser has not learned to predict noise: at the last timestep, where its input is almost pure "
-            f"noise, its prediction correlates {correlation:.3f} with the noise (below {LEARNED_CORRELATION}; a trained "
-            f"denoiser scores 0.4 and more, a constant output 0). After {step} steps at --model.lr {self.hparams.lr:g} "
-            "training has diverged or is far too short, and every head will score near chance: lower --model.lr "
-            "(a larger --model.denoiser needs a lower one) or train longer, then fit again."
+            "the denoiser has not learned to predict noise: at the last timestep, where its input is almost pure "
+            f"noise, its prediction correlates {correlation:.3f} with the noise (below {LEARNED_CORRELATION}; a "
+            "trained denoiser scores 0.4 and more, a constant output 0). After "
+            f"{step} steps at --model.lr {self.hparams.lr:g} training has diverged or is far too short, and every "
+            "head will score near chance: lower --model.lr (a larger --model.denoiser needs a lower one) or train "
+            "longer, then fit again."
         )
 
     def _val_z0(self, datamodule) -> Iterator[Tensor]:

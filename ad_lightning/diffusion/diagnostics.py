@@ -1,4 +1,4 @@
-"""Whether a trained denoiser has learned anything, as a pure function of `eps_fn` (docs/methods.md section 4).
+"""Whether a trained denoiser has learned anything, as a pure function of `eps_fn` (docs/methods.md section 2).
 
 At the last timestep the state x_T = sqrt(a_T) z0 + sqrt(1 - a_T) eps is almost pure noise (sqrt(a_T) is
 0.006 on the linear schedule), so predicting eps there is the easiest task a denoiser has: any denoiser

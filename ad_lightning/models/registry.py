@@ -1,7 +1,7 @@
 """Named denoiser sizes, chosen on the command line as `--model.denoiser tiny|small|base`.
 
-Each size has its own default peak learning rate (`DEFAULT_LR`). Parameter counts at in_channels=272 (they grow slightly with in_channels through the input/output convs):
-tiny 2.86M, small 20.4M, base 130.6M.
+Each size has its own default peak learning rate (`DEFAULT_LR`). Parameter counts at in_channels=272 (they
+grow slightly with in_channels through the input/output convs): tiny 2.86M, small 20.4M, base 130.6M.
 """
 
 from __future__ import annotations
