@@ -41,7 +41,7 @@ HEADS_NOT_CURRENT = (
     "normal training and validation splits before scoring"
 )
 # noise_correlation below this: the denoiser learned nothing (measured at 1000 steps: tiny 0.44, small at lr 3e-4
-# 0.79 to 0.80, small diverged at lr 1e-3 0.002)
+# 0.79 to 0.80, small diverged at lr 1e-3 0.001 to 0.002)
 LEARNED_CORRELATION = 0.1
 CPU_BACKBONE_PIXELS = 2 * 256 * 256  # image pixels per backbone call on the CPU (measured best: 2 images of 256 px)
 
@@ -317,11 +317,15 @@ class FeatureDDPM(LightningModule):
         return trainer.should_stop
 
     @property
+    def weights_step(self) -> int:
+        """The global step of the EMA weights this model holds: its checkpoint's, or the current one."""
+        return self.checkpoint_step if self.checkpoint_step is not None else self.global_step
+
+    @property
     def heads_current(self) -> bool:
         """Whether the heads were fitted on the EMA weights this model holds: true after `fit_heads`
         and for a checkpoint written at the step its heads were fitted at."""
-        step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
-        return self.heads_fitted_step is not None and self.heads_fitted_step == step
+        return self.heads_fitted_step is not None and self.heads_fitted_step == self.weights_step
 
     def refit_reason(self) -> str:
         """Why the heads must be fitted before scoring (for a model whose heads are not current)."""
@@ -362,7 +366,7 @@ class FeatureDDPM(LightningModule):
             self._calibrate_heads(normal, datamodule.val_images())
         rank_zero_info(f"heads: calibrated on the normal validation split in {time.perf_counter() - start:.1f} s")
         self.ema.train(was_training)
-        self.heads_fitted_step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
+        self.heads_fitted_step = self.weights_step
 
     def _warn_if_not_learned(self) -> None:
         """Warn when the EMA denoiser's noise prediction at the last timestep does not correlate with the
@@ -372,14 +376,13 @@ class FeatureDDPM(LightningModule):
         correlation = noise_correlation(z0, self.eps_fn, self.alpha_bar, torch.Generator(self.device).manual_seed(0))
         if correlation >= LEARNED_CORRELATION:
             return
-        step = self.checkpoint_step if self.checkpoint_step is not None else self.global_step
         rank_zero_warn(
             "the denoiser has not learned to predict noise: at the last timestep, where its input is almost pure "
             f"noise, its prediction correlates {correlation:.3f} with the noise (below {LEARNED_CORRELATION}; a "
-            "trained denoiser scores 0.4 and more, a constant output 0). After "
-            f"{step} steps at --model.lr {self.hparams.lr:g} training has diverged or is far too short, and every "
-            "head will score near chance: lower --model.lr (a larger --model.denoiser needs a lower one) or train "
-            "longer, then fit again."
+            f"trained denoiser scores 0.4 and more, a constant output 0). After {self.weights_step} steps at "
+            f"--model.lr {self.hparams.lr:g} training has diverged or is far too short, and every head will score "
+            "near chance: lower --model.lr (a larger --model.denoiser needs a lower one) or train longer, then fit "
+            "again."
         )
 
     def _val_z0(self, datamodule) -> Iterator[Tensor]:

@@ -21,7 +21,6 @@ def noise_correlation(z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor, generator: t
     t = len(alpha_bar) - 1
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     t_batch = torch.full((z0.shape[0],), t, device=z0.device, dtype=torch.long)
-    predicted = eps_fn(q_sample(z0, float(alpha_bar[t]), noise), t_batch).float().flatten()
-    predicted, noise = predicted - predicted.mean(), noise.float().flatten() - noise.float().mean()
-    scale = predicted.norm() * noise.norm()
-    return float(predicted @ noise / scale) if scale > 0 else 0.0
+    predicted = eps_fn(q_sample(z0, float(alpha_bar[t]), noise), t_batch)
+    pair = torch.stack([predicted.float().flatten(), noise.float().flatten()])  # [2, B*C*h*w]
+    return float(torch.corrcoef(pair)[0, 1].nan_to_num())  # NaN (zero spread) -> 0
