@@ -2,7 +2,7 @@
 `predict`, `benchmark`, `ablate`, `export`, `download` (each its own module). A leaf: nothing in the
 package imports it.
 
-Defaults (ad_lightning/configs/default.yaml) train the `tiny` denoiser on the built-in demo set,
+Defaults (ad_lightning/configs/default.yaml) train the `small` denoiser on the built-in demo set,
 so `python -m ad_lightning fit` needs no arguments. DataModules are chosen by short name
 (`--data MVTecAD --data.root R --data.category C`); configs may use `${...}` interpolation.
 """

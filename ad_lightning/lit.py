@@ -12,6 +12,7 @@ import json
 import time
 import warnings
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
-from ad_lightning.diffusion import linear_alpha_bar, noise_correlation, q_sample
+from ad_lightning.diffusion import SharedCalls, linear_alpha_bar, noise_correlation, q_sample
 from ad_lightning.evaluation.report import TestRecorder
 from ad_lightning.evaluation.thresholds import is_anomalous
 from ad_lightning.evaluation.timing import StageTimer, batch1_latency
@@ -68,8 +69,8 @@ class FeatureDDPM(LightningModule):
         ema_decay: EMA of the denoiser weights; the EMA copy does all scoring.
         blur_sigma: optional Gaussian blur of upsampled anomaly maps (0 = off, as in InvAD), for heads
             that do not set their own (`patchcore` blurs with sigma 4, as its paper does).
-        latency_images: test images re-scored one at a time (after 3 warm-up images) for the
-            batch-1 latency in metrics.json; 0 turns it off.
+        latency_images: test images re-scored one at a time (after 3 warm-up images), each head alone,
+            for its batch-1 latency in metrics.json; 0 turns it off.
         threshold_method, threshold_q: the deployed image threshold of each head, fitted on the
             normal validation scores: the `threshold_q` percentile, or `otsu`.
         fit_heads_every_n_epochs: heads are fitted and calibrated once, at the end of training, on the
@@ -359,9 +360,10 @@ class FeatureDDPM(LightningModule):
             start = time.perf_counter()
             outputs: dict[str, list[HeadOutput]] = {}
             for z0 in self._val_z0(datamodule):
+                eps_fn = SharedCalls(self.eps_fn)
                 for name, head in self.heads.items():
                     if not isinstance(head, EnsembleHead):
-                        outputs.setdefault(name, []).append(head.evaluate(z0, self.eps_fn, self.alpha_bar).to("cpu"))
+                        outputs.setdefault(name, []).append(head.evaluate(z0, eps_fn, self.alpha_bar).to("cpu"))
             normal = {name: HeadOutput.cat(chunks) for name, chunks in outputs.items()}
             self._calibrate_heads(normal, datamodule.val_images())
         rank_zero_info(f"heads: calibrated on the normal validation split in {time.perf_counter() - start:.1f} s")
@@ -459,20 +461,23 @@ class FeatureDDPM(LightningModule):
         """Score images [B, 3, H, W] with every head (or those `heads` need), sharing one backbone
         forward; maps at H x W. An ensemble combines the final outputs of the heads before it.
         `decide_pixels=False` skips per-pixel decisions (tiles: they are made on the stitched map).
-        Runs under `torch.inference_mode` (no autograd bookkeeping); the networks under
-        `network_autocast`, the heads in float32."""
+        Heads scored together share the denoiser calls they make at the same state (`SharedCalls`: `irf`
+        and `irf_bank` at one t* cost one call). Runs under `torch.inference_mode` (no autograd
+        bookkeeping); the networks under `network_autocast`, the heads in float32."""
         timer = timer or (lambda stage, like: nullcontext())
+        names = self.heads_for(heads)
+        eps_fn = SharedCalls(self.eps_fn) if len(names) > 1 else self.eps_fn  # one head: nothing to share (export traces it)
         with torch.inference_mode(), float32_maths(image.device):
             with timer("backbone", image):
                 z0 = self.encode(image)
             finals, results = {}, {}
-            for name in self.heads_for(heads):
+            for name in names:
                 head = self.heads[name]
                 with timer(name, image):
                     if isinstance(head, EnsembleHead):
                         out = head.combine({m: finals[m] for m in head.members})
                     else:
-                        out = head.evaluate(z0, self.eps_fn, self.alpha_bar)
+                        out = head.evaluate(z0, eps_fn, self.alpha_bar)
                     score, feature_map = finals[name] = head.score(out)
                     size, blur = image.shape[-2:], head.map_blur(self.hparams.blur_sigma)
                     maps = None if feature_map is None else to_image_map(feature_map, size, blur)
@@ -513,12 +518,14 @@ class FeatureDDPM(LightningModule):
             results[name] = self._decided(self.heads[name], Scores(scores.score.amax()[None], terms, full))
         return results
 
-    def score_images(self, image: Tensor, timer: StageTimer | None = None) -> dict[str, Scores]:
+    def score_images(
+        self, image: Tensor, timer: StageTimer | None = None, heads: Sequence[str] | None = None
+    ) -> dict[str, Scores]:
         """`score_batch`, or tile by tile (one image per batch) when the data asks for tiling."""
         tiling = getattr(self.trainer.datamodule, "tiling", None)
         if tiling is None:
-            return self.score_batch(image, timer)
-        return self.score_tiled(image[0], *tiling, size=self.trainer.datamodule.image_size, timer=timer)
+            return self.score_batch(image, timer, heads)
+        return self.score_tiled(image[0], *tiling, size=self.trainer.datamodule.image_size, timer=timer, heads=heads)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Scores]:
         """Score a batch with every head; large images tile by tile when the data asks for it.
@@ -537,10 +544,15 @@ class FeatureDDPM(LightningModule):
         return results
 
     def on_test_epoch_end(self) -> None:
-        """Re-score the first test images one at a time for the batch-1 latency, then report."""
+        """Re-score the first test images one at a time, each head alone (with the members it needs), for
+        its batch-1 latency, then report. Alone, so a head is never timed as cheaper for a network call
+        another head made first."""
         recorder, self._recorder = self._recorder, None
         if len(recorder.kept) > LATENCY_WARMUP:
-            recorder.latency = batch1_latency(self.score_images, recorder.kept, warmup=LATENCY_WARMUP)
+            recorder.latency = {
+                name: batch1_latency(partial(self.score_images, heads=[name]), recorder.kept, warmup=LATENCY_WARMUP)
+                for name in self.heads
+            }
         self.test_metrics = recorder.finish(self.trainer)
         self.test_scores = recorder.merged  # every rank's per-image scores (rank 0), for plots
 

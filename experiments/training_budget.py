@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--data", default="Demo", help="DataModule short name (Demo, Photos, MVTecAD, ...)")
     parser.add_argument("--root", help="data root (default: the DataModule's)")
     parser.add_argument("--category", default="all")
-    parser.add_argument("--heads", default="likelihood,irf,ensemble", help="heads scored (an ensemble needs its members)")
+    parser.add_argument("--heads", default="likelihood,irf,irf_bank,ensemble", help="heads scored (an ensemble needs its members)")
     parser.add_argument("--steps", type=int_list, default=[250, 500, 1000, 2000], help="training budgets")
     parser.add_argument("--out", type=Path, required=True, help="output directory; <out>.csv and .md beside it")
     parser.add_argument("--force", action="store_true", help="retrain budgets that already have results")

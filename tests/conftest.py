@@ -166,7 +166,7 @@ def easy_options(root: Path, logs: Path) -> list[str]:
     images held out for validation (8), no plots or batch-1 latency (speed), logs under `logs`."""
     return [
         "--data", "MVTecAD", "--data.root", str(root), "--data.category", "easy", "--data.image_size", str(EASY_SIZE),
-        "--data.train_batch_size", "8", "--data.val_fraction", "0.25", "--model.heads", EASY_HEADS,
+        "--data.train_batch_size", "8", "--data.val_fraction", "0.25", "--model.denoiser", "tiny", "--model.heads", EASY_HEADS,
         "--model.latency_images", "0", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.default_root_dir", str(logs),
     ]  # fmt: skip
@@ -174,7 +174,7 @@ def easy_options(root: Path, logs: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def easy_model(tmp_path_factory) -> EasyModel:
-    """A tiny model trained on the easy set through the CLI (`fit`, 20 steps at lr 1e-3), every head fitted
+    """A `tiny` denoiser trained on the easy set through the CLI (`fit`, 20 steps at lr 1e-3), every head fitted
     at the end of training; shared by the quality, orientation and leakage tests. Without the default
     callbacks (plots cost 17 s a `test`), Lightning's own checkpoint callback writes the one checkpoint."""
     base = tmp_path_factory.mktemp("easy")

@@ -21,13 +21,13 @@ from ad_lightning.rendering import OVERLAY_ALPHA, side_by_side_overlay
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
 IMAGE_SIZE = 64  # the training size; predict must take it from the checkpoint
-HEADS = "likelihood,irf,ensemble"  # irf's Gaussian per position cannot score other sizes; the ensemble needs it
+HEADS = "likelihood,irf,irf_bank,ensemble"  # irf's Gaussian per position cannot score other sizes; the ensemble needs it
 
 
 def fit(root: Path, *data_args: str) -> Path:
     """Train for one epoch with logs under `root/runs`; returns that directory."""
     logs = ["--trainer.logger.init_args.save_dir", str(root / "runs"), "--trainer.default_root_dir", str(root / "runs")]
-    main(["fit", *data_args, "--data.train_batch_size", "8", "--trainer.max_epochs", "1", *logs])
+    main(["fit", *data_args, "--data.train_batch_size", "8", "--model.denoiser", "tiny", "--trainer.max_epochs", "1", *logs])
     return root / "runs"
 
 
@@ -120,7 +120,7 @@ def test_ensemble_head_scores_with_its_members(runs, folder, tmp_path):
 
 
 def test_unknown_head_lists_the_available_ones(runs, folder):
-    with pytest.raises(UsageError, match=r"unknown head 'radar'.*one of: likelihood, irf, ensemble$"):
+    with pytest.raises(UsageError, match=r"unknown head 'radar'.*one of: likelihood, irf, irf_bank, ensemble$"):
         main(["predict", "--ckpt_path", str(runs), "--data.path", str(folder), "--head", "radar"])
 
 

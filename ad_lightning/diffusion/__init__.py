@@ -1,5 +1,7 @@
-"""Diffusion maths: schedule, timestep grids, DDIM and a training diagnostic, as pure functions."""
+"""Diffusion maths: schedule, timestep grids, DDIM and a training diagnostic, as pure functions; the
+one-pass memo of denoiser calls that heads share."""
 
+from ad_lightning.diffusion.calls import SharedCalls
 from ad_lightning.diffusion.ddim import (
     EpsFn,
     ddim_denoise,
@@ -13,6 +15,7 @@ from ad_lightning.diffusion.diagnostics import noise_correlation
 from ad_lightning.diffusion.schedule import linear_alpha_bar, space_timesteps
 
 __all__ = [
+    "SharedCalls",
     "EpsFn",
     "ddim_denoise",
     "ddim_invert",

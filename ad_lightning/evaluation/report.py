@@ -119,7 +119,7 @@ class TestRecorder:
         self.timer = StageTimer()  # batched test-loop time per stage
         self.keep_images = keep_images
         self.kept: list[Tensor] = []  # the first test images [1, 3, H, W], for the batch-1 latency run
-        self.latency: dict = {}  # per-stage batch-1 summary, set by the caller before `finish`
+        self.latency: dict = {}  # head -> per-stage batch-1 summary of scoring it alone, set before `finish`
         self.pixel_mode = pixel_mode
         self.binned = pixel_mode == "binned"
         self.rows: list[dict] = []
@@ -234,10 +234,19 @@ class TestRecorder:
             return None
         self.merged = payload
         batched = {stage: 1000.0 * self.timer.total(stage) / max(len(self.rows), 1) for stage in self.timer.samples}
-        per_image = {stage: s["median_ms"] for stage, s in self.latency.items()} or batched
-        metrics = build_metrics(payload, self.owner, self.nfe, per_image, has_masks, self.thresholds, self.stages)
+        if self.latency:
+            per_head = {head: sum(s["median_ms"] for s in stages.values()) for head, stages in self.latency.items()}
+        else:  # each head's stages of the one pass over all heads: the backbone's, its members', its own
+            stages = lambda head: ["backbone", *self.stages.get(head, [head])]
+            per_head = {head: sum(batched.get(s, 0.0) for s in stages(head)) for head in self.nfe}
+        metrics = build_metrics(payload, self.owner, self.nfe, per_head, has_masks, self.thresholds)
         metrics["timing"] = {
-            "ms_per_image": "median at batch 1 after warm-up" if self.latency else "batched wall time / images",
+            "ms_per_image": (
+                "median at batch 1 after warm-up, each head scored alone (with its members)"
+                if self.latency
+                else "batched wall time / images of the one pass over all heads (a network call shared with "
+                "a head scored before counts for that head)"
+            ),
             "batch1_by_stage": self.latency,
             "batched_ms_per_image_by_stage": batched,
             "peak_memory_mb": peak_memory_mb(device or torch.device("cpu")),
@@ -410,10 +419,8 @@ def build_metrics(
     ms_per_image: dict[str, float],
     has_masks: bool = True,
     thresholds: dict[str, float] | None = None,
-    stages: dict[str, list[str]] | None = None,
 ) -> dict:
-    """metrics.json content: mean over categories at the top, per category below. A head's
-    ms per image is the backbone's plus its `stages` (default: its own; an ensemble's members too).
+    """metrics.json content: mean over categories at the top, per category below; `ms_per_image` per head.
 
     Without ground-truth masks (`has_masks` False) the run is image-level only and says so."""
     rows = payload["rows"]
@@ -430,8 +437,7 @@ def build_metrics(
         names = categories[next(iter(categories))]["heads"][key].keys()
         heads[key] = {m: nan_mean([c["heads"][key][m] for c in categories.values()]) for m in names}
         heads[key]["nfe"] = nfe[head]
-        own = (stages or {}).get(head, [head])
-        heads[key]["ms_per_image"] = ms_per_image.get("backbone", 0.0) + sum(ms_per_image.get(s, 0.0) for s in own)
+        heads[key]["ms_per_image"] = ms_per_image.get(head, 0.0)
     return to_json_safe(
         {
             "n_test_images": len(rows),

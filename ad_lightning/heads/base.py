@@ -98,6 +98,12 @@ class Head(FittedState):
         raise NotImplementedError
 
     @property
+    def network_calls(self) -> set[tuple]:
+        """The denoiser queries its `nfe` calls per image make, as keys: heads scored in one pass whose keys
+        meet share those calls (`SharedCalls`); by default every call is the head's own."""
+        return {(self.name, i) for i in range(self.nfe)}
+
+    @property
     def members(self) -> list[str]:
         """Heads whose outputs this one combines (an ensemble's); none for a head that scores z0."""
         return []

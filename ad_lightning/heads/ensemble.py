@@ -10,24 +10,25 @@ from ad_lightning.heads.base import Head, HeadOutput, Normalizer
 
 
 class EnsembleHead(Head):
-    """Combines member heads (`weights`: name -> weight, e.g. {likelihood: 1, irf: 1}).
+    """Combines member heads (`weights`: name -> weight, by default {irf: 1, irf_bank: 1}).
 
     Its raw output is built from the members' final outputs (`combine`): terms = member image
     scores, map = member maps stacked [B, M, h, w]. Each member's score and map are z-scored with
     statistics of normal validation images, then summed with the weights. Members without a map
-    contribute to the score only. NFE is the members' total (set by `bind`).
+    contribute to the score only. NFE is the members' distinct network calls (set by `bind`): members
+    that query the same state share one call (`irf` and `irf_bank` at one t*).
     """
 
     name = "ensemble"
 
     def __init__(self, weights: dict[str, float] | None = None, normalization: str = "zscore") -> None:
         super().__init__()
-        self.weights = dict(weights or {"likelihood": 1.0, "irf": 1.0})
+        self.weights = dict(weights or {"irf": 1.0, "irf_bank": 1.0})
         if not self.weights or any(w < 0 for w in self.weights.values()):
             raise ValueError(f"ensemble weights must name member heads with non-negative weights, got {self.weights}")
         self.score_norms = nn.ModuleDict({m: Normalizer(normalization) for m in self.weights})
         self.map_norms = nn.ModuleDict({m: Normalizer(normalization) for m in self.weights})
-        self._nfe = 0
+        self._calls: set[tuple] = set()
         self.with_map: list[str] = []
 
     @property
@@ -35,17 +36,21 @@ class EnsembleHead(Head):
         return list(self.weights)
 
     def bind(self, heads: dict[str, Head]) -> None:
-        """Check the members exist and come before the ensemble; record their NFE."""
+        """Check the members exist and come before the ensemble; record their network calls."""
         missing = [m for m in self.members if m not in heads]
         if missing:
             raise ValueError(
                 f"ensemble members {missing} are not configured heads {list(heads)}; add them to --model.heads before ensemble"
             )
-        self._nfe = sum(heads[m].nfe for m in self.members)
+        self._calls = set().union(*(heads[m].network_calls for m in self.members))
 
     @property
     def nfe(self) -> int:
-        return self._nfe
+        return len(self._calls)
+
+    @property
+    def network_calls(self) -> set[tuple]:
+        return self._calls
 
     def combine(self, finals: dict[str, tuple[Tensor, Tensor | None]]) -> HeadOutput:
         """Members' (image score [B], map [B, h, w] or None) -> the ensemble's raw output."""

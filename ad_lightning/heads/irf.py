@@ -151,6 +151,11 @@ def timesteps_of(t_star: int | list[int], num_timesteps: int) -> list[int]:
     return t_stars
 
 
+def residual_calls(t_stars: list[int], input: str, seed: int) -> set[tuple]:
+    """The keys of `inverse_residual`'s network calls at each t*: equal keys query bitwise-equal states."""
+    return {("inverse_residual", t, input, seed if input == "stochastic" else None) for t in t_stars}
+
+
 def inverse_residual(
     z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor, t_star: int, input: str = "noise_free", seed: int = 0
 ) -> tuple[Tensor, Tensor]:
@@ -223,6 +228,10 @@ class IRFHead(Head):
     @property
     def nfe(self) -> int:
         return len(self.t_stars)
+
+    @property
+    def network_calls(self) -> set[tuple]:
+        return residual_calls(self.t_stars, self.input, self.seed)
 
     def _gaussians(self) -> list[Gaussian]:
         """One Gaussian per t*, in the order of `t_stars`."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ad_lightning.diffusion import EpsFn
-from ad_lightning.heads.irf import INPUTS, inverse_residual, timesteps_of
+from ad_lightning.heads.irf import INPUTS, inverse_residual, residual_calls, timesteps_of
 from ad_lightning.heads.patchcore import PatchCoreHead
 
 SIGNALS = ("residual", "both")
@@ -18,7 +18,8 @@ class ResidualBankHead(PatchCoreHead):
     """A memory bank of the normal training positions' inverse residual r = z0 - x0_hat(x, t*) (`signal:
     residual`), or of [z0, r] (`both`), each channel divided by its spread over the training patches so
     neither part drowns the other; then as `patchcore`: 3 x 3 aggregation, coreset, nearest-neighbour map,
-    re-weighted maximum. One network call (at `t_star`, state `input` as in `irf`)."""
+    re-weighted maximum. One network call (at `t_star`, state `input` as in `irf`; shared with `irf` at the same t* and
+    input when both are scored in one pass)."""
 
     name = "irf_bank"
     scaled = True
@@ -44,6 +45,10 @@ class ResidualBankHead(PatchCoreHead):
     @property
     def nfe(self) -> int:
         return 1
+
+    @property
+    def network_calls(self) -> set[tuple]:
+        return residual_calls([self.t_star], self.input, self.seed)  # irf's call at the same t* and input
 
     def signal(self, z0: Tensor, eps_fn: EpsFn, alpha_bar: Tensor) -> Tensor:
         """The residual [B, C, h, w], or [z0, residual] [B, 2C, h, w]."""

@@ -75,7 +75,7 @@ def nearest(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = 4096) -> tup
     distances, indices = [], []
     for q in queries.split(chunk):
         rank = torch.addmm(bank_squared, q, bank.t(), alpha=-2)  # [n, C] @ [C, M] -> [n, M]
-        index = rank.topk(k, dim=1, largest=False).indices  # [n, k]
+        index = rank.argmin(1, keepdim=True) if k == 1 else rank.topk(k, dim=1, largest=False).indices  # [n, k]
         distances.append(torch.linalg.vector_norm(q[:, None] - bank[index], dim=-1))  # [n, k, C] -> [n, k]
         indices.append(index)
     return torch.cat(distances), torch.cat(indices)

@@ -52,7 +52,7 @@ def recorded(batches, mode="auto", thresholds=None):
 
 def test_per_category_then_mean_and_counts():
     recorder = recorded(small_batches())
-    recorder.latency = {"backbone": {"median_ms": 1.0}, "h": {"median_ms": 2.0}}
+    recorder.latency = {"h": {"backbone": {"median_ms": 1.0}, "h": {"median_ms": 2.0}}}
     m = recorder.compute()
     assert m["n_test_images"] == 8 and m["n_anomalous"] == 4 and m["evaluation_resolution"] == [4, 4]
     assert m["categories"]["a"]["heads"]["h"]["image_auroc"] == 1.0

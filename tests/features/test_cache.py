@@ -31,7 +31,8 @@ from ad_lightning.lit import FeatureDDPM
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_train_cache.py"
 SIZE = 32
 BATCH = 4
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
+        "--model.denoiser", "tiny"]  # fmt: skip
 TINY += ["--model.heads", "likelihood"]
 
 

@@ -25,7 +25,9 @@ def finals(seed: int, n: int, with_map: tuple[bool, bool] = (True, True)) -> dic
 
 def ensemble(weights: dict[str, float], normalization: str, val: dict) -> EnsembleHead:
     head = EnsembleHead(weights, normalization)
-    head.bind({"a": SimpleNamespace(nfe=3), "b": SimpleNamespace(nfe=1)})
+    calls = lambda *keys: SimpleNamespace(network_calls=set(keys))
+    head.bind({"a": calls(("a", 0), ("a", 1), ("shared", 0)), "b": calls(("shared", 0))})
+    assert head.nfe == 3  # the call both members make counts once
     head.calibrate(head.combine(val))
     return head
 
@@ -54,7 +56,7 @@ def test_score_and_map_are_the_weighted_sums_of_validation_normalised_members(no
     want_score, want_map = expected(weights, normalization, val, test)
     np.testing.assert_allclose(score.numpy(), want_score, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(amap.numpy(), want_map, rtol=1e-5, atol=1e-5)
-    assert head.nfe == 4
+    assert head.nfe == 3  # the members' distinct calls
 
 
 @pytest.mark.parametrize("normalization", ["zscore", "minmax"])
@@ -91,4 +93,4 @@ def test_weights_must_be_non_negative_and_members_configured():
     with pytest.raises(ValueError, match="non-negative"):
         EnsembleHead({"a": -1.0})
     with pytest.raises(ValueError, match="add them to --model.heads before ensemble"):
-        EnsembleHead({"a": 1.0, "c": 1.0}).bind({"a": SimpleNamespace(nfe=1)})
+        EnsembleHead({"a": 1.0, "c": 1.0}).bind({"a": SimpleNamespace(network_calls={("a", 0)})})

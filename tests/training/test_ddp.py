@@ -26,7 +26,7 @@ from ad_lightning.lit import FeatureDDPM
 
 DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "4"]
 DATA += ["--data.eval_batch_size", "1"]
-MODEL = ["--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
+MODEL = ["--model.denoiser", "tiny", "--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
 

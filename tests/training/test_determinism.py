@@ -28,7 +28,7 @@ def fit_and_test(workdir: Path, args: list[str], monkeypatch) -> Path:
 def test_identical_seeded_runs_write_identical_metrics(tmp_path, make_mvtec_tree, monkeypatch):
     root = make_mvtec_tree(tmp_path / "data", n_train=20, n_test_good=4)
     args = ["--data", "MVTecAD", "--data.root", str(root), "--data.category", "widget", "--data.image_size", "64"]
-    args += ["--data.train_batch_size", "8", "--model.heads", "likelihood,irf,radar,iforest,ensemble"]
+    args += ["--data.train_batch_size", "8", "--model.denoiser", "tiny", "--model.heads", "likelihood,irf,irf_bank,radar,iforest,ensemble"]
     args += ["--trainer.max_epochs", "2", "--trainer.deterministic", "true", "--seed_everything", "3"]
     first, second = (fit_and_test(tmp_path / name, args, monkeypatch) for name in ("a", "b"))
     a, b = (json.loads(p.read_text()) for p in (first, second))

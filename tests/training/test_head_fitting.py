@@ -12,7 +12,8 @@ from ad_lightning.run_config import DEFAULT_MAX_STEPS
 from ad_lightning.data import MVTecAD
 from ad_lightning.lit import HEADS_NOT_CURRENT, FeatureDDPM
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
+        "--model.denoiser", "tiny"]  # fmt: skip
 TINY += ["--model.heads", "likelihood,irf", "--model.latency_images", "0"]
 EVERY_3_STEPS = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename", "{step}",
                  "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.every_n_train_steps", "3"]  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "4"]
-MODEL = ["--model.heads", "likelihood,irf", "--model.latency_images", "0", "--trainer.enable_progress_bar", "false"]
+MODEL = ["--model.denoiser", "tiny", "--model.heads", "likelihood,irf", "--model.latency_images", "0", "--trainer.enable_progress_bar", "false"]
 NODES = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"]
 
 

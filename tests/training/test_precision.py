@@ -7,7 +7,8 @@ import pytest
 
 from ad_lightning.cli import main
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
+        "--model.denoiser", "tiny"]  # fmt: skip
 TINY += ["--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
 
 

@@ -15,7 +15,8 @@ from ad_lightning.lit import FeatureDDPM, NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
+        "--model.denoiser", "tiny"]  # fmt: skip
 TINY += ["--model.heads", "likelihood"]
 
 
