@@ -20,7 +20,8 @@ from ad_lightning.inference import datamodule_of
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
 SCORES_8_SETTINGS = pytest.mark.slow  # tests of the `ablated` fixture: 8 settings, 12 s (idle) to 130 s (loaded)
-DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
+DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
+        "--model.denoiser", "tiny"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

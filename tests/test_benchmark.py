@@ -14,7 +14,7 @@ from ad_lightning.evaluation.report import COMPLETE, mark_complete
 from ad_lightning.run_config import DEFAULT_CONFIG
 
 DATA = ["--data", "MVTecAD", "--data.image_size", "64", "--data.train_batch_size", "8", "--trainer.max_epochs", "1"]
-DATA += ["--model.heads", "likelihood"]
+DATA += ["--model.denoiser", "tiny", "--model.heads", "likelihood"]
 
 
 def test_benchmark_writes_table_with_mean_row_and_resumes(tmp_path, make_mvtec_tree, monkeypatch):

@@ -102,7 +102,7 @@ def test_print_config_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--print_config"])
     out = capsys.readouterr().out
-    assert "ad_lightning.data.Demo" in out and "denoiser: tiny" in out
+    assert "ad_lightning.data.Demo" in out and "denoiser: small" in out
 
 
 def test_checkpoint_directory_without_checkpoint_is_an_error(tmp_path):
@@ -136,7 +136,7 @@ def test_tiled_printed3d_fit_and_test_scores_native_images(tmp_path, write_image
         write_image_file(part / "test/warp" / f"{i}.png", seed=60 + i, defect_rows=20 + i, size=96)
         write_mask_file(part / "ground_truth/warp" / f"{i}_mask.png", defect_rows=20 + i, size=96)
     data = ["--data", "Printed3D", "--data.root", str(tmp_path / "prints"), "--data.image_size", "64",
-            "--data.tile_size", "64", "--data.tile_overlap", "32", "--data.train_batch_size", "8"]  # fmt: skip
+            "--data.tile_size", "64", "--data.tile_overlap", "32", "--data.train_batch_size", "8", "--model.denoiser", "tiny"]  # fmt: skip
     main(["fit", *data, "--trainer.max_epochs", "1"])
     main(["test", *data, "--ckpt_path", "runs"])
     metrics = json.loads((tmp_path / "runs" / "version_1" / "metrics.json").read_text())

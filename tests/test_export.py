@@ -47,7 +47,7 @@ def ckpt(demo, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("fit") / "runs"
     data = ["--data", "MVTecAD", "--data.root", str(demo), "--data.category", "fabric", "--data.val_fraction", "0.25"]
     logs = ["--trainer.logger.init_args.save_dir", str(runs), "--trainer.default_root_dir", str(runs)]
-    main(["fit", *data, "--data.image_size", str(IMAGE_SIZE), "--data.train_batch_size", "8",
+    main(["fit", *data, "--data.image_size", str(IMAGE_SIZE), "--data.train_batch_size", "8", "--model.denoiser", "tiny",
           "--model.heads", ",".join(HEADS), "--model.lr", "3e-3", "--model.warmup_steps", "1",
           "--trainer.max_epochs", "2", *logs])  # fmt: skip
     return runs / "version_0" / "checkpoints" / "last.ckpt"

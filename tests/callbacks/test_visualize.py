@@ -103,7 +103,7 @@ def tested_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("visual")
     root = build_mvtec_tree(tmp / "data", n_train=20, n_test_good=4, defects={"scratch": 3, "hole": 2})
     args = ["--data", "MVTecAD", "--data.root", str(root), "--data.category", "widget", "--data.image_size", "64",
-            "--data.train_batch_size", "8", "--model.heads", "likelihood,radar,iforest", "--model.latency_images", "0",
+            "--data.train_batch_size", "8", "--model.denoiser", "tiny", "--model.heads", "likelihood,radar,iforest", "--model.latency_images", "0",
             "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
             "--trainer.default_root_dir", str(tmp / "runs")]  # fmt: skip
     main(["fit", *args, "--trainer.max_epochs", "1"])

@@ -80,7 +80,7 @@ def wandb_run(offline_env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb_run")
     root = build_mvtec_tree(tmp / "data", n_train=20, n_test_good=4)
     args = ["--config", str(WANDB_CONFIG), "--data", "MVTecAD", "--data.root", str(root), "--data.category", "widget",
-            "--data.image_size", "64", "--data.train_batch_size", "8", "--model.heads", "likelihood",
+            "--data.image_size", "64", "--data.train_batch_size", "8", "--model.denoiser", "tiny", "--model.heads", "likelihood",
             "--model.latency_images", "0", "--trainer.log_every_n_steps", "1"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # the config's runs/ lands in tmp

@@ -234,7 +234,7 @@ def test_cli_fit_and_test_at_image_size_224(tmp_path, make_mvtec_tree, monkeypat
     monkeypatch.chdir(tmp_path)
     root = make_mvtec_tree(tmp_path / "data", n_train=16, n_test_good=3)
     args = ["--data", "MVTecAD", "--data.root", str(root), "--data.category", "widget", "--data.image_size", "224"]
-    args += ["--data.train_batch_size", "8", "--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
+    args += ["--data.train_batch_size", "8", "--model.denoiser", "tiny", "--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
     main(["fit", *args, "--trainer.max_epochs", "1"])
     state = load_checkpoint(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
     assert state["heads.radar.mean_rows_0"].shape == (49, 49)  # 14 x 14 features: 7 x 7 real positions at level 1

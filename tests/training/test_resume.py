@@ -13,7 +13,7 @@ import torch
 from ad_lightning.checkpoint import load_checkpoint
 
 ARGS = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8"]
-ARGS += ["--model.heads", "likelihood,irf", "--trainer.deterministic", "true", "--trainer.max_epochs", "4"]
+ARGS += ["--model.denoiser", "tiny", "--model.heads", "likelihood,irf", "--trainer.deterministic", "true", "--trainer.max_epochs", "4"]
 ARGS += ["--trainer.callbacks.every_n_steps", "1"]  # a checkpoint after every epoch, so the kill loses epoch 2 only
 KILLER = ["--trainer.callbacks+=killer.KillAt", "--trainer.callbacks.epoch", "2", "--trainer.callbacks.batch", "1"]
 
