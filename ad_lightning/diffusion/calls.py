@@ -16,21 +16,18 @@ class SharedCalls:
     """An `eps_fn` that remembers its calls for one pass: a query of a state x at timesteps t that was
     already made returns the first call's prediction. Exact: a hit needs bitwise-equal x and t (the
     same maths on the same z0 gives them), so sharing never changes a score. Calls that also return
-    attention (RADAR's) are always made. `calls` counts the network evaluations made."""
+    attention (RADAR's) are always made."""
 
     def __init__(self, eps_fn: EpsFn) -> None:
         self.eps_fn = eps_fn
-        self.calls = 0
         self._seen: list[tuple[Tensor, Tensor, Tensor]] = []  # (x, t, eps) of every plain call made
 
     def __call__(self, x: Tensor, t: Tensor, return_attention: bool = False):
-        if not return_attention:
-            for seen_x, seen_t, eps in self._seen:
-                if seen_x.shape == x.shape and seen_t.equal(t) and seen_x.equal(x):
-                    return eps
-        self.calls += 1
         if return_attention:
             return self.eps_fn(x, t, return_attention=True)
+        for seen_x, seen_t, eps in self._seen:
+            if seen_x.shape == x.shape and seen_t.equal(t) and seen_x.equal(x):
+                return eps
         eps = self.eps_fn(x, t)
         self._seen.append((x, t, eps))
         return eps

@@ -18,8 +18,8 @@ class ResidualBankHead(PatchCoreHead):
     """A memory bank of the normal training positions' inverse residual r = z0 - x0_hat(x, t*) (`signal:
     residual`), or of [z0, r] (`both`), each channel divided by its spread over the training patches so
     neither part drowns the other; then as `patchcore`: 3 x 3 aggregation, coreset, nearest-neighbour map,
-    re-weighted maximum. One network call (at `t_star`, state `input` as in `irf`; shared with `irf` at the same t* and
-    input when both are scored in one pass)."""
+    re-weighted maximum. One network call (at `t_star`, state `input` as in `irf`; shared with `irf` at the
+    same t* and input when both are scored in one pass)."""
 
     name = "irf_bank"
     scaled = True
