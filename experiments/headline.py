@@ -2,7 +2,7 @@
 categories, as the README's first command trains on the demo set), from the sets' `test` runs.
 
     python experiments/headline.py --run demo=results/first_command_runs/version_1 \\
-        --run photos=results/budget_photos/steps1000/all_heads
+        --run photos=results/headline_runs/photos/version_0
 
 Writes results/headline.csv and .md (per head and set: mean over categories of image / pixel AUROC,
 AUPRO, F1 at the deployed threshold, the share of normal test images flagged at that threshold (its target
