@@ -21,6 +21,6 @@ def test_notebook_executes_top_to_bottom(tmp_path):
     client = NotebookClient(notebook, kernel_name="python3", timeout=900, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # a failing cell raises CellExecutionError with its traceback
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 5 + 2 + 1  # a heatmap figure per head with a map, the two ablation plots, the API maps
+    assert len(images) == 6 + 2 + 1  # a heatmap figure per head with a map, the two ablation plots, the API maps
     assert (tmp_path / "runs" / "ablation" / "ablation.csv").is_file()
     assert len((tmp_path / "runs" / "ablation" / "ablation.csv").read_text().splitlines()) == 1 + 6
