@@ -150,6 +150,11 @@ def build_easy_tree(
     return Path(root)
 
 
+TINY_WIDGET = ("--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
+               "--model.denoiser", "tiny")  # fmt: skip
+"""CLI options of the quick runs on the `widget` tree (`build_mvtec_tree`): 64 px, the `tiny` denoiser."""
+
+
 EASY_HEADS = "likelihood,irf,radar,reconstruction,iforest,lof,ocsvm,patchcore,irf_bank,ensemble"
 EASY_STEPS = 20  # optimizer steps of the easy model: ~10 s on one CPU thread
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_mvtec_tree
+from conftest import TINY_WIDGET, build_mvtec_tree
 
 from ad_lightning import ablate
 from ad_lightning.ablate import COLUMNS, Setting, check_settings, grid_settings, number_list, settings_grid
@@ -20,8 +20,7 @@ from ad_lightning.inference import datamodule_of
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 
 SCORES_8_SETTINGS = pytest.mark.slow  # tests of the `ablated` fixture: 8 settings, 12 s (idle) to 130 s (loaded)
-DATA = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
+DATA = list(TINY_WIDGET)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_WIDGET
 
 from ad_lightning.cli import main, resolve_checkpoint
 from ad_lightning.lit import FeatureDDPM
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
-TINY += ["--model.heads", "likelihood"]  # the default runs every head; tests that need them say so
+TINY = [*TINY_WIDGET, "--model.heads", "likelihood"]  # the default runs every head; tests that need them say so
 
 
 @pytest.fixture

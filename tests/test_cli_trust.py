@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_WIDGET
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import COMMANDS, main
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
-TINY += ["--model.latency_images", "0", "--trainer.enable_progress_bar", "false"]
+TINY = [*TINY_WIDGET, "--model.latency_images", "0", "--trainer.enable_progress_bar", "false"]
 HEADS = ["--model.heads", "likelihood,irf"]
 
 

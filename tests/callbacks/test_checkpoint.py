@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import TINY_WIDGET
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import main
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
-TINY += ["--model.heads", "likelihood", "--model.latency_images", "0"]
+TINY = [*TINY_WIDGET, "--model.heads", "likelihood", "--model.latency_images", "0"]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_WIDGET
 from huggingface_hub import constants as hf_constants
 from torch import Tensor
 
@@ -31,9 +32,7 @@ from ad_lightning.lit import FeatureDDPM
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_train_cache.py"
 SIZE = 32
 BATCH = 4
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
-TINY += ["--model.heads", "likelihood"]
+TINY = [*TINY_WIDGET, "--model.heads", "likelihood"]
 
 
 @pytest.fixture(scope="module", autouse=True)

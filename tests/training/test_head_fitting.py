@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_WIDGET
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import main
@@ -12,9 +13,7 @@ from ad_lightning.run_config import DEFAULT_MAX_STEPS
 from ad_lightning.data import MVTecAD
 from ad_lightning.lit import HEADS_NOT_CURRENT, FeatureDDPM
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
-TINY += ["--model.heads", "likelihood,irf", "--model.latency_images", "0"]
+TINY = [*TINY_WIDGET, "--model.heads", "likelihood,irf", "--model.latency_images", "0"]
 EVERY_3_STEPS = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename", "{step}",
                  "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.every_n_train_steps", "3"]  # fmt: skip
 
@@ -120,3 +119,4 @@ def test_heads_can_fit_on_normal_images_the_denoiser_never_trained_on(tmp_path, 
     monkeypatch.setattr(FeatureDDPM, "fit_heads", lambda self, dm, cached=False: seen.append(len(self._head_features)))
     run("fit", root, "--trainer.max_epochs", "1", "--data.head_fit_fraction", "0.25")
     assert seen == [6]  # the Gaussians and forests see the 6 held-out images, the denoiser the 16 others
+

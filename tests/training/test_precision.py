@@ -4,12 +4,11 @@ whatever the Trainer's precision (bf16-mixed speeds up the training steps only).
 import csv
 
 import pytest
+from conftest import TINY_WIDGET
 
 from ad_lightning.cli import main
 
-TINY = ["--data", "MVTecAD", "--data.category", "widget", "--data.image_size", "64", "--data.train_batch_size", "8",
-        "--model.denoiser", "tiny"]  # fmt: skip
-TINY += ["--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
+TINY = [*TINY_WIDGET, "--model.heads", "likelihood,irf,radar", "--model.latency_images", "0"]
 
 
 def scores(run) -> dict[str, dict[str, float]]:
