@@ -137,13 +137,17 @@ class FeatureDDPM(LightningModule):
         refused before anything is built); `overrides` replace saved hyper-parameters (e.g. `heads`).
 
         The checkpoint holds the backbone weights, so the backbone is built without resolving
-        pretrained weights (no hub probe, works offline)."""
-        load_checkpoint(ckpt_path, mmap=True)
+        pretrained weights (no hub probe, works offline). Lightning writes `overrides` into the loaded
+        hyper-parameters before `on_load_checkpoint` sees them; the stored values travel beside them
+        (`STORED_VALUES`, not an argument of the constructor) so that an overridden scoring setting is
+        seen as a change and the heads are refitted instead of loaded."""
+        stored = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        kept = {STORED_VALUES: {key: stored[key] for key in overrides if key in stored}}
         with warnings.catch_warnings():  # "pretrained=False, using random weights": the checkpoint's replace them
             warnings.filterwarnings("ignore", message=r"Backbone .*pretrained=False")
             return cls.load_from_checkpoint(
                 ckpt_path, map_location=map_location, weights_only=True, pretrained=False, backbone_weights=None,
-                **overrides,
+                **overrides, **kept,
             )
 
     # ----- features and the denoiser ------------------------------------------------------
@@ -273,7 +277,9 @@ class FeatureDDPM(LightningModule):
         # epoch, right before the save: their heads match their weights whenever they were calibrated
         legacy = self.checkpoint_step if "heads_fitted_step" not in checkpoint else None
         self.heads_fitted_step = checkpoint.get("heads_fitted_step", legacy)
-        self.scoring_changes = scoring_changes(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        loaded = checkpoint.get("hyper_parameters") or {}
+        stored = {**loaded, **loaded.get(STORED_VALUES, {})}  # as saved, before `from_checkpoint`'s overrides
+        self.scoring_changes = scoring_changes(stored, self.hparams)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("heads.")]:  # other heads' states, or stale ones
             if self.scoring_changes or key.split(".")[1] not in self.heads:
@@ -576,6 +582,7 @@ def build_heads(names: list[str], head_args: dict[str, dict], num_timesteps: int
     return heads
 
 
+STORED_VALUES = "_stored_values"  # the checkpoint's own values of hyper-parameters `from_checkpoint` overrides
 REFIT_OPTIONS = ("threshold_method", "threshold_q")  # besides each head's arguments: they change fitted state
 
 

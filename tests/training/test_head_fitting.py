@@ -120,3 +120,18 @@ def test_heads_can_fit_on_normal_images_the_denoiser_never_trained_on(tmp_path, 
     run("fit", root, "--trainer.max_epochs", "1", "--data.head_fit_fraction", "0.25")
     assert seen == [6]  # the Gaussians and forests see the 6 held-out images, the denoiser the 16 others
 
+
+def test_a_checkpoint_loaded_with_other_head_args_has_its_heads_refitted(easy_model):
+    """`from_checkpoint(..., head_args=...)` (what `load_model`, experiments and the API use): Lightning writes the
+    overrides into the loaded hyper-parameters, yet the change must be seen, or the stored states of the heads
+    as they were configured would be loaded into heads configured otherwise (or refused)."""
+    path = str(easy_model.ckpt)
+    stored = load_checkpoint(path)["hyper_parameters"]["head_args"]
+    irf_only = {**stored, "ensemble": {"weights": {"irf": 1.0}}}
+    model = FeatureDDPM.from_checkpoint(path, head_args=irf_only)
+    assert model.scoring_changes == [f"head_args.ensemble: {irf_only['ensemble']} (checkpoint: {stored['ensemble']})"]
+    assert not model.heads_current and model.heads["ensemble"].members == ["irf"]
+    fewer = FeatureDDPM.from_checkpoint(path, heads="irf,irf_bank,ensemble", head_args=stored)  # nothing changes
+    assert fewer.heads_current and fewer.scoring_changes == []
+    assert float(fewer.heads["irf"].threshold) == float(FeatureDDPM.from_checkpoint(path).heads["irf"].threshold)
+    assert "_stored_values" not in fewer.hparams  # the stored values never become a hyper-parameter
