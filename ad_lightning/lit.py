@@ -59,7 +59,8 @@ class FeatureDDPM(LightningModule):
     Args:
         backbone: timm model name; `out_indices` the fused stages; `pretrained` / `backbone_weights`
             resolve weights as docs/architecture.md describes; `grid` the fused grid: the coarsest
-            stage's (stride 16) or the finest one's (stride 8: 4 times the positions and denoiser cost).
+            stage's (stride 16) or the finest one's (stride 8: 4 times the positions and denoiser cost);
+            `feature_aggregate` the neighbourhood each stage is averaged over before the fusion (1 = off).
         feature_norm: `channel` standardises features with training statistics, `none` keeps them raw.
         denoiser: a named size from the registry (`tiny`, `small`, `base`); `denoiser_args` overrides.
         heads: scoring heads used by `test`, e.g. `likelihood`; `head_args` per head, e.g.
@@ -84,6 +85,7 @@ class FeatureDDPM(LightningModule):
         pretrained: bool = True,
         backbone_weights: str | None = None,
         grid: str = "coarsest",
+        feature_aggregate: int = 1,
         feature_norm: str = "channel",
         denoiser: str = "tiny",
         denoiser_args: dict | None = None,
@@ -110,7 +112,9 @@ class FeatureDDPM(LightningModule):
                 "set --model.fit_heads_every_n_epochs"
             )
         self.save_hyperparameters()
-        self.backbone = Backbone(backbone, out_indices, pretrained=pretrained, weights=backbone_weights, grid=grid)
+        self.backbone = Backbone(
+            backbone, out_indices, pretrained=pretrained, weights=backbone_weights, grid=grid, aggregate=feature_aggregate
+        )
         channels = self.backbone.out_channels
         self.feature_norm = FeatureStandardizer(channels, feature_norm)
         self.denoiser = build_denoiser(denoiser, channels, **(denoiser_args or {}))

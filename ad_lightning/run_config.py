@@ -24,6 +24,7 @@ FROZEN = {  # model options fixed by training, and why
     "backbone": "the denoiser was trained on this backbone's features",
     "out_indices": "the denoiser was trained on these stages' features",
     "grid": "the denoiser was trained on features on this grid",
+    "feature_aggregate": "the denoiser was trained on features aggregated this way",
     "pretrained": "the backbone's weights are the checkpoint's",
     "backbone_weights": "the backbone's weights are the checkpoint's",
     "feature_norm": "the denoiser was trained on features normalised this way",
@@ -33,6 +34,7 @@ FROZEN = {  # model options fixed by training, and why
     "beta_start": "the denoiser was trained on this noise schedule",
     "beta_end": "the denoiser was trained on this noise schedule",
 }
+ADDED_LATER = {"feature_aggregate": 1}  # frozen options newer than some checkpoints: what those were trained with
 TRAINING_ONLY = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "fit_heads_every_n_epochs")
 PRIVATE = ("_instantiator", "_class_path")  # bookkeeping Lightning stores with the hyper-parameters
 
@@ -63,7 +65,8 @@ def merge_model(stored: dict, given: dict, subcommand: str, source: str) -> dict
     """The model options to lay over the checkpoint's (`stored`): every `given` one, after refusing
     those that cannot change after training (or, outside `fit`, only affect training). `head_args`
     are merged per head: a setting given for one head keeps the checkpoint's other settings."""
-    merged = {}
+    merged = {key: value for key, value in ADDED_LATER.items() if key not in stored}  # what older ones trained with
+    stored = {**ADDED_LATER, **stored}
     for key, value in given.items():
         if key in FROZEN and key in stored and not same(value, stored[key]):
             raise UsageError(

@@ -14,6 +14,8 @@ from conftest import TINY_WIDGET
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import COMMANDS, main
+from ad_lightning.errors import UsageError
+from ad_lightning.run_config import merge_model
 
 TINY = [*TINY_WIDGET, "--model.latency_images", "0", "--trainer.enable_progress_bar", "false"]
 HEADS = ["--model.heads", "likelihood,irf"]
@@ -75,6 +77,7 @@ def test_scoring_options_given_to_test_win_over_the_checkpoint(tree, tmp_path, c
         (["--model.head_args", "{likelihod: {steps: 1}}"], "unknown head(s) ['likelihod']"),
         (["--model.denoiser", "small"], "--model.denoiser 'small' cannot change after training"),
         (["--model.out_indices", "[1, 3]"], "--model.out_indices (1, 3) cannot change after training"),
+        (["--model.feature_aggregate", "3"], "--model.feature_aggregate 3 cannot change after training"),
         (["--data.image_size", "128"], "was trained at 64 x 64 px"),
         (["--model.lr", "0.1"], "--model.lr 0.1 cannot change in test"),
     ],
@@ -177,3 +180,12 @@ def test_a_failed_run_leaves_no_directory_with_only_its_config(tree, tmp_path, c
     status, _ = exit_status(capsys, "fit", *TINY, *HEADS, "--data.root", str(tree), "--trainer.max_epochs", "1")
     assert status == 1
     assert not [d for d in (tmp_path / "runs").glob("version_*") if {p.name for p in d.iterdir()} <= {"config.yaml"}]
+
+
+def test_a_checkpoint_older_than_a_frozen_option_keeps_what_it_was_trained_with():
+    """`feature_aggregate` came after some checkpoints were written: theirs is 1 (no aggregation), whatever the
+    default configuration says now, and asking for another value is refused as for any frozen option."""
+    assert merge_model({"grid": "coarsest"}, {}, "test", "old.ckpt") == {"feature_aggregate": 1}
+    assert merge_model({"feature_aggregate": 3}, {}, "test", "new.ckpt") == {}
+    with pytest.raises(UsageError, match="feature_aggregate 3 cannot change after training: old.ckpt was trained with 1"):
+        merge_model({"grid": "coarsest"}, {"feature_aggregate": 3}, "test", "old.ckpt")

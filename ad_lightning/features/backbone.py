@@ -42,6 +42,9 @@ class Backbone(nn.Module):
     means random weights on purpose (only the architecture is needed, e.g. for shape checks).
     `grid`: the stages are resized to the coarsest selected stage's grid (stride 16 for Lite0's stages
     2 and 3), or to the finest one's (stride 8, PatchCore's choice: 4 times the positions).
+    `aggregate`: each stage is averaged over `aggregate` x `aggregate` neighbourhoods at its own resolution
+    before the resize (PatchCore's local aggregation, zero padding counted as its reference does; 1 = off).
+    On the coarsest grid this also low-passes the finer stage before it is sampled at half its resolution.
     """
 
     def __init__(
@@ -51,12 +54,19 @@ class Backbone(nn.Module):
         pretrained: bool = True,
         weights: str | None = None,
         grid: str = "coarsest",
+        aggregate: int = 1,
     ) -> None:
         super().__init__()
         if grid not in GRIDS:
             raise ValueError(f"grid={grid!r} is not one of {GRIDS}; set --model.grid coarsest or finest")
+        if aggregate < 1 or aggregate % 2 == 0:
+            raise ValueError(
+                f"feature_aggregate={aggregate} is not an odd neighbourhood size >= 1; set --model.feature_aggregate "
+                "1 (off) or 3 (PatchCore's)"
+            )
         self.name = name
         self.grid = grid
+        self.aggregate = aggregate
         self.model, self.weights_source = create_features_model(name, tuple(out_indices), pretrained, weights)
         logger.info("Backbone %s: weights from %s", name, self.weights_source)
         drop_unused_blocks(self.model)
@@ -97,6 +107,9 @@ class Backbone(nn.Module):
                 "add a batch dimension or convert grey images to RGB"
             )
         stages = self.model((image - self.mean) / self.std)  # list of [B, C_i, H / s_i, W / s_i]
+        if self.aggregate > 1:
+            a = self.aggregate
+            stages = [F.avg_pool2d(stage, a, stride=1, padding=a // 2, count_include_pad=True) for stage in stages]
         pick = min if self.grid == "coarsest" else max
         grid = pick((stage.shape[-2:] for stage in stages), key=lambda size: size.numel())
         resized = [

@@ -164,6 +164,7 @@ def backbone_key(backbone: Backbone, image_size: int) -> dict[str, Any]:
         "backbone": backbone.name,
         "out_indices": list(backbone.model.feature_info.out_indices),
         "grid": backbone.grid,
+        "aggregate": backbone.aggregate,
         "weights_digest": state_digest(backbone),
         "image_size": image_size,
         "timm": timm.__version__,

@@ -120,6 +120,25 @@ def test_finest_grid_keeps_stride8_and_upsamples_stride16():
     assert torch.allclose(fused[:, 40:], upsampled, atol=1e-6)
 
 
+def test_feature_aggregate_averages_each_stage_at_its_own_resolution_before_the_fusion():
+    backbone = Backbone(aggregate=3)
+    image = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    stride8, stride16 = backbone.model((image - 0.5) / 0.5)
+    fused = backbone(image)
+    mean3x3 = torch.zeros(1, 1, 3, 3).fill_(1 / 9)  # zero padding counted: a border window divides by 9
+    pooled8, pooled16 = (F.conv2d(s.flatten(0, 1)[:, None], mean3x3, padding=1).view_as(s) for s in (stride8, stride16))
+    assert torch.allclose(fused[:, 40:], pooled16, atol=1e-5)
+    downsampled = F.interpolate(pooled8, size=(16, 16), mode="bilinear", align_corners=False, antialias=False)
+    assert torch.allclose(fused[:, :40], downsampled, atol=1e-5)
+    assert not torch.allclose(fused, Backbone()(image), atol=1e-3)  # 1 (the default) leaves the stages as they are
+
+
+@pytest.mark.parametrize("size", [0, 2])
+def test_feature_aggregate_of_no_odd_size_is_refused_with_the_option_name(size):
+    with pytest.raises(ValueError, match=f"feature_aggregate={size} is not an odd.*--model.feature_aggregate"):
+        Backbone(aggregate=size, pretrained=False)
+
+
 def test_unknown_grid_is_refused_with_the_option_name():
     with pytest.raises(ValueError, match="grid='middle'.*--model.grid"):
         Backbone(grid="middle", pretrained=False)
