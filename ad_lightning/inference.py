@@ -57,13 +57,14 @@ def datamodule_of(ckpt: dict, name: str | None = None, overrides: dict | None = 
     return cls(**config["init_args"])
 
 
-def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> tuple[FeatureDDPM, dict]:
-    """The trained model in eval mode on `device`, and its training DataModule's hyper-parameters. A
-    checkpoint written mid-training holds no heads fitted on its weights: they are fitted here, on the
-    normal training and validation splits of its data, and that is said."""
+def load_model(ckpt_path: str, device: torch.device | str = "cpu", **overrides) -> tuple[FeatureDDPM, dict]:
+    """The trained model in eval mode on `device`, and its training DataModule's hyper-parameters.
+    `overrides` replace saved hyper-parameters (`FeatureDDPM.from_checkpoint`, e.g. `heads`). A checkpoint
+    written mid-training, or one whose scoring settings are overridden, holds no heads fitted as now
+    configured: they are fitted here, on the normal training and validation splits of its data, and that is said."""
     ckpt_path = resolve_checkpoint(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, mmap=True)
-    model = FeatureDDPM.from_checkpoint(ckpt_path, device).eval()
+    model = FeatureDDPM.from_checkpoint(ckpt_path, device, **overrides).eval()
     if not model.heads_current:
         print(f"{ckpt_path}: {model.refit_reason()}")
         model.fit_heads(datamodule_of(ckpt, source=ckpt_path))

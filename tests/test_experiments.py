@@ -1,6 +1,7 @@
 """experiments/recon_vs_inversion.py and experiments/reverse_scoring.py on a tiny tree with tiny settings;
-headline.py on fake test runs; first_command.py's reading of the README."""
+headline.py on fake test runs; first_command.py's reading of the README; anomalib_patchcore.py without anomalib."""
 
+import argparse
 import contextlib
 import csv
 import io
@@ -160,3 +161,60 @@ def test_training_levers_refuses_a_bad_variant_and_runs_of_other_images(tmp_path
         (out / name / "fit_seconds.txt").write_text("1.0\n")
     with pytest.raises(SystemExit, match="did not score the same test images"):
         run_script("training_levers.py", "--variants", "{default: [], other: []}", "--heads", "irf", "--out", str(out))
+
+
+@pytest.fixture
+def anomalib_patchcore(monkeypatch) -> dict:
+    """experiments/anomalib_patchcore.py's functions; its anomalib imports are inside the functions that fit and
+    score anomalib's model, so the timing, latency-model and report code runs without anomalib installed."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # its `harness` import
+    return runpy.run_path(str(EXPERIMENTS / "anomalib_patchcore.py"))
+
+
+def test_anomalib_patchcore_times_every_model_on_each_image_in_rotating_order(anomalib_patchcore):
+    calls = []
+    scorers = {name: (lambda image, name=name: calls.append((name, int(image[0, 0])))) for name in ("a", "b", "c")}
+    images = torch.arange(5.0).view(5, 1, 1, 1)  # image i holds the value i
+    seconds = anomalib_patchcore["batch1_latency"](scorers, images, 2)
+    assert calls[:6] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]  # the first model rotates
+    assert sorted(calls) == sorted((n, i) for n in "abc" for i in range(5))  # each model once on each image
+    assert {name: len(values) for name, values in seconds.items()} == {"a": 3, "b": 3, "c": 3}  # 2 warm-up dropped
+    rows = anomalib_patchcore["timing_rows"]({"scorers": scorers, "images": images}, [1], 2)
+    assert {(r["model"], r["metric"], r["threads"]) for r in rows} == {
+        (n, m, 1) for n in "abc" for m in ("median_ms", "p90_ms")
+    }
+
+
+def test_anomalib_patchcore_times_a_checkpoints_head_as_configured(anomalib_patchcore, easy_model):
+    latency_scorers = anomalib_patchcore["latency_scorers"]
+    image = torch.rand(1, 3, 128, 128)
+    (default,) = latency_scorers([f"ensemble={easy_model.ckpt}:ensemble"], None).values()
+    assert set(default(image)) == {"irf", "irf_bank", "ensemble"}  # the default ensemble and its members
+    (irf_only,) = latency_scorers([f"e={easy_model.ckpt}:ensemble"], {"ensemble": {"weights": {"irf": 1.0}}}).values()
+    assert set(irf_only(image)) == {"irf", "ensemble"}  # head_args took effect (the heads refitted first)
+    with pytest.raises(SystemExit, match="expected LABEL=CHECKPOINT:HEAD"):
+        latency_scorers([str(easy_model.ckpt)], None)
+    with pytest.raises(SystemExit, match="has no head 'nope'"):
+        latency_scorers([f"x={easy_model.ckpt}:nope"], None)
+
+
+def test_anomalib_patchcore_reports_means_and_latency_with_its_settings(anomalib_patchcore, tmp_path):
+    rows = [{"model": m, "category": c, "metric": f"{k}_auroc", "value": v}
+            for m, c, k, v in [("anomalib", "x", "image", 0.9), ("anomalib", "y", "image", 0.7),
+                               ("anomalib", "x", "pixel", 0.8), ("anomalib", "y", "pixel", 0.6),
+                               ("ours", "x", "image", 1.0), ("ours", "y", "image", 0.8),
+                               ("ours", "x", "pixel", 0.9), ("ours", "y", "pixel", 0.7)]]  # fmt: skip
+    rows += anomalib_patchcore["mean_rows"](rows)
+    means = {(r["model"], r["metric"]): r["value"] for r in rows if r["category"] == "mean"}
+    assert means == pytest.approx({("anomalib", "image_auroc"): 0.8, ("anomalib", "pixel_auroc"): 0.7,
+                                   ("ours", "image_auroc"): 0.9, ("ours", "pixel_auroc"): 0.8})  # fmt: skip
+    common = {"category": "latency", "threads": 2, "load_before": 0.5, "load_after": 0.6}
+    rows += [{**common, "model": "ours", "metric": "median_ms", "value": 21.0},
+             {**common, "model": "ours", "metric": "p90_ms", "value": 23.0}]  # fmt: skip
+    args = argparse.Namespace(data_root=tmp_path / "photos", latency_category="x", warmup=3, images=20)
+    report = anomalib_patchcore["report"](args, ["- header"], rows, {"max_difference": 0.0,
+                                          "fit_seconds": {"x": 12.4, "y": None}}, ["anomalib", "ours"])  # fmt: skip
+    assert report.startswith("# Our patchcore head against anomalib's PatchCore (photos)\n\n- header")
+    assert "| mean | 0.800 | 0.700 | 0.900 | 0.800 |" in report
+    assert "| ours | 2 | 21.000 | 23.000 | 0.500 | 0.600 |" in report
+    assert "x 12 s, y reused" in report
