@@ -340,6 +340,12 @@ def report(args: argparse.Namespace, header: list[str], rows: list[dict], extra:
     ])
 
 
+def shown(path: str | Path) -> str:
+    """`path` as the report shows it: under the home directory as `~/...` (no user's home in a committed file)."""
+    home = str(Path.home())
+    return "~" + str(path)[len(home):] if str(path).startswith(home + "/") else str(path)
+
+
 def main() -> None:
     args = parse_args()
     ours = dict(spec.split("=", 1) for spec in args.ours)
@@ -351,11 +357,11 @@ def main() -> None:
         + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         (f"- anomalib {metadata.version('anomalib')}, timm {timm.__version__}, torch {torch.__version__}; "
          f"ad_lightning {ad_lightning_revision()}"),
-        f"- ours: {', '.join(f'{label} = {path}' for label, path in ours.items())}",
+        f"- ours: {', '.join(f'{label} = {shown(path)}' for label, path in ours.items())}",
         (f"- anomalib: PatchcoreModel, {LITE0} layers {', '.join(LAYERS)}, coreset ratio {args.coreset_ratio}, "
          f"{args.num_neighbors} neighbours, seed {args.seed}; packaged Lite0 weights; same training split and input "
          "tensors as ours"),
-        f"- data: {args.data_root}, categories {', '.join(categories)}",
+        f"- data: {shown(args.data_root)}, categories {', '.join(categories)}",
         (f"- also timed: {', '.join(args.latency_model) or 'nothing'}"
          + (f"; head_args {json.dumps(args.latency_head_args)}" if args.latency_head_args else "")),
     ]

@@ -218,3 +218,9 @@ def test_anomalib_patchcore_reports_means_and_latency_with_its_settings(anomalib
     assert "| mean | 0.800 | 0.700 | 0.900 | 0.800 |" in report
     assert "| ours | 2 | 21.000 | 23.000 | 0.500 | 0.600 |" in report
     assert "x 12 s, y reused" in report
+
+
+def test_anomalib_patchcore_shows_paths_under_the_home_directory_with_a_tilde(anomalib_patchcore):
+    shown = anomalib_patchcore["shown"]
+    assert shown(Path.home() / ".cache" / "photos") == "~/.cache/photos"
+    assert shown("/tmp/x") == "/tmp/x" and shown(str(Path.home()) + "x/y") == str(Path.home()) + "x/y"
