@@ -107,9 +107,7 @@ class Backbone(nn.Module):
                 "add a batch dimension or convert grey images to RGB"
             )
         stages = self.model((image - self.mean) / self.std)  # list of [B, C_i, H / s_i, W / s_i]
-        if self.aggregate > 1:
-            a = self.aggregate
-            stages = [F.avg_pool2d(stage, a, stride=1, padding=a // 2, count_include_pad=True) for stage in stages]
+        stages = [aggregate(stage, self.aggregate, count_padding=True) for stage in stages]
         pick = min if self.grid == "coarsest" else max
         grid = pick((stage.shape[-2:] for stage in stages), key=lambda size: size.numel())
         resized = [
@@ -134,6 +132,18 @@ class Backbone(nn.Module):
             after = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else nn.Identity()
             setattr_path(self.model, norm_name, after)
         return len(pairs)
+
+
+def aggregate(features: Tensor, size: int, count_padding: bool = False) -> Tensor:
+    """PatchCore's locally aware patch features: each position becomes the mean of its size x size
+    neighbourhood, [B, C, h, w] -> same (size 1: unchanged). Positions outside the grid are left out of
+    the mean (a corner averages fewer), or with `count_padding` counted as zeros, as the reference
+    implementations do; on standardised features zero is the channel mean, so border patches then shrink
+    toward the mean. Used on each stage before the fusion (`Backbone(aggregate=...)`) and by the
+    memory-bank heads on the fused features."""
+    if size == 1:
+        return features
+    return F.avg_pool2d(features, size, stride=1, padding=size // 2, count_include_pad=count_padding)
 
 
 def drop_unused_blocks(network: nn.Module) -> None:

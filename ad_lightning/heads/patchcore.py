@@ -9,22 +9,12 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from ad_lightning.diffusion import EpsFn
+from ad_lightning.features.backbone import aggregate
 from ad_lightning.heads.base import Head, HeadOutput
-
-
-def aggregate(z0: Tensor, size: int, count_padding: bool = False) -> Tensor:
-    """Locally aware patch features: each position becomes the mean of its size x size neighbourhood,
-    [B, C, h, w] -> same. Positions outside the grid are left out of the mean (a corner averages fewer),
-    or with `count_padding` counted as zeros, as the reference implementations do; on standardised
-    features zero is the channel mean, so border patches then shrink toward the mean."""
-    if size == 1:
-        return z0
-    return F.avg_pool2d(z0, size, stride=1, padding=size // 2, count_include_pad=count_padding)
 
 
 def random_projection(vectors: Tensor, dim: int, seed: int) -> Tensor:

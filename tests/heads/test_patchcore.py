@@ -5,8 +5,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
+from ad_lightning.features.backbone import aggregate
 from ad_lightning.heads import PatchCoreHead, build_head
-from ad_lightning.heads.patchcore import aggregate, coreset_size, greedy_coreset, nearest, random_projection
+from ad_lightning.heads.patchcore import coreset_size, greedy_coreset, nearest, random_projection
 
 
 def numpy_k_center(x: np.ndarray, size: int, start: int) -> list[int]:
