@@ -41,11 +41,12 @@ from torch import Tensor
 from ad_lightning.callbacks.wandb import Logger, log_ablation
 from ad_lightning.checkpoint import load_checkpoint, resolve_checkpoint
 from ad_lightning.data import AnomalyDataModule
+from ad_lightning.data.stored import datamodule_of
 from ad_lightning.errors import BadInputError, UsageError
 from ad_lightning.evaluation.bootstrap import bootstrap_image_auroc, category_pixel_draws, interval_of_mean
 from ad_lightning.evaluation.tables import RESULT_COLUMNS, markdown_table, write_csv
 from ad_lightning.heads import HEADS, build_head
-from ad_lightning.inference import datamodule_of, resolve_device
+from ad_lightning.inference import resolve_device
 from ad_lightning.lit import FeatureDDPM, parse_names
 
 OPTION_LABELS = {"timesteps": "t", "steps": "S", "perturbation": "p"}  # how a swept option appears in a setting name
@@ -190,6 +191,10 @@ class FeaturesOnce:
     @property
     def head_features(self) -> Tensor | None:
         return self.datamodule.head_features
+
+    @property
+    def categories(self) -> list[str]:
+        return self.datamodule.categories
 
 
 def load_setting(ckpt_path: str, ckpt: dict, setting: Setting, device: torch.device, overrides: dict) -> FeatureDDPM:

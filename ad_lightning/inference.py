@@ -8,7 +8,6 @@ written by `export` through onnxruntime.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,13 @@ import torch
 from torch import Tensor
 
 from ad_lightning.checkpoint import load_checkpoint, resolve_checkpoint
-from ad_lightning.data.base import AnomalyDataModule
+from ad_lightning.data.stored import datamodule_of
 from ad_lightning.errors import BadInputError, UsageError
 from ad_lightning.heads import Scores
 from ad_lightning.lit import FeatureDDPM
 from ad_lightning.rendering import finite_range, stored_map_range
-from ad_lightning.run_config import checkpoint_data
 
 DEFAULT_IMAGE_SIZE = 256  # when neither the caller nor the checkpoint gives one
-DEFAULT_DATA = "ad_lightning.data.Demo"  # for a checkpoint that names no DataModule
 ONNX_FORMAT = "ad_lightning-scoring-1"  # the `format` metadata of an export: what `OnnxScorer` reads
 ONNX_INPUT, ONNX_OUTPUTS = "image", ["score", "map"]
 
@@ -40,23 +37,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def datamodule_of(ckpt: dict, name: str | None = None, overrides: dict | None = None, source: str = "") -> AnomalyDataModule:
-    """The checkpoint's DataModule with its arguments, `overrides` on top; `name` (a short name such as
-    `MVTecAD`, or a class path) picks another class, keeping only the checkpoint's image size."""
-    stored = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    stored.setdefault("_class_path", DEFAULT_DATA)
-    wanted = None if name is None else (name if "." in name else f"ad_lightning.data.{name}")
-    config = checkpoint_data(stored, wanted, overrides or {}, source or "the checkpoint")
-    module, _, cls_name = config["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), cls_name, None)
-    except ModuleNotFoundError:
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, AnomalyDataModule)):
-        raise UsageError(f"--data {name or config['class_path']} is not a DataModule; use e.g. Demo, MVTecAD, VisA or a class path")
-    return cls(**config["init_args"])
-
-
 def load_model(ckpt_path: str, device: torch.device | str = "cpu", **overrides) -> tuple[FeatureDDPM, dict]:
     """The trained model in eval mode on `device`, and its training DataModule's hyper-parameters.
     `overrides` replace saved hyper-parameters (`FeatureDDPM.from_checkpoint`, e.g. `heads`). A checkpoint
@@ -65,8 +45,9 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu", **overrides) 
     ckpt_path = resolve_checkpoint(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, mmap=True)
     model = FeatureDDPM.from_checkpoint(ckpt_path, device, **overrides).eval()
-    if not model.heads_current:
-        print(f"{ckpt_path}: {model.refit_reason()}")
+    reason = model.refit_reason()
+    if reason is not None:
+        print(f"{ckpt_path}: {reason}")
         model.fit_heads(datamodule_of(ckpt, source=ckpt_path))
     return model, dict(ckpt.get("datamodule_hyper_parameters") or {})
 

@@ -7,10 +7,10 @@ reports in `evaluation/`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 import json
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from functools import partial
 
@@ -23,18 +23,18 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from ad_lightning.checkpoint import load_checkpoint
+from ad_lightning.data.stored import trained_categories
 from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
 from ad_lightning.diffusion import SharedCalls, linear_alpha_bar, noise_correlation, q_sample
+from ad_lightning.errors import UsageError
 from ad_lightning.evaluation.report import TestRecorder
 from ad_lightning.evaluation.thresholds import is_anomalous
 from ad_lightning.evaluation.timing import StageTimer, batch1_latency
 from ad_lightning.features.backbone import Backbone
 from ad_lightning.features.standardize import FeatureStandardizer
-from ad_lightning.errors import UsageError
 from ad_lightning.heads import HEADS, EnsembleHead, HeadOutput, Scores, build_head, to_image_map
 from ad_lightning.heads.base import at_resolution
 from ad_lightning.models.registry import DEFAULT_LR, build_denoiser
-
 
 LATENCY_WARMUP = 3  # batch-1 calls discarded before timing
 HEADS_NOT_CURRENT = (
@@ -130,6 +130,7 @@ class FeatureDDPM(LightningModule):
         self._head_features: Tensor | None = None  # those the heads fit on: the same, or held-out normal images
         self.noise_seed = torch.initial_seed()  # set by seed_everything; kept in checkpoints for resuming
         self.heads_fitted_step: int | None = None  # the global step whose EMA weights the heads were fitted on
+        self.heads_fitted_on: list[str] | None = None  # the categories whose normal splits they were fitted on
         self.checkpoint_step: int | None = None  # the global step of the checkpoint this model was loaded from
         self.scoring_changes: list[str] = []  # scoring settings that differ from the loaded checkpoint's
         self.test_metrics: dict | None = None  # the last `test`'s metrics.json content (global rank 0)
@@ -273,6 +274,7 @@ class FeatureDDPM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["noise_seed"] = self.noise_seed
         checkpoint["heads_fitted_step"] = self.heads_fitted_step
+        checkpoint["heads_fitted_on"] = self.heads_fitted_on
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.noise_seed = checkpoint.get("noise_seed", self.noise_seed)
@@ -281,6 +283,9 @@ class FeatureDDPM(LightningModule):
         # epoch, right before the save: their heads match their weights whenever they were calibrated
         legacy = self.checkpoint_step if "heads_fitted_step" not in checkpoint else None
         self.heads_fitted_step = checkpoint.get("heads_fitted_step", legacy)
+        # written before the categories were kept: the heads were fitted at the end of `fit`, on its data
+        legacy_categories = "heads_fitted_on" not in checkpoint
+        self.heads_fitted_on = trained_categories(checkpoint) if legacy_categories else checkpoint["heads_fitted_on"]
         loaded = checkpoint.get("hyper_parameters") or {}
         stored = {**loaded, **loaded.get(STORED_VALUES, {})}  # as saved, before `from_checkpoint`'s overrides
         self.scoring_changes = scoring_changes(stored, self.hparams)
@@ -338,14 +343,26 @@ class FeatureDDPM(LightningModule):
         and for a checkpoint written at the step its heads were fitted at."""
         return self.heads_fitted_step is not None and self.heads_fitted_step == self.weights_step
 
-    def refit_reason(self) -> str:
-        """Why the heads must be fitted before scoring (for a model whose heads are not current)."""
-        if self.scoring_changes:
+    def refit_reason(self, categories: Sequence[str] | None = None) -> str | None:
+        """Why the heads must be fitted before scoring `categories` (None: data of unknown categories, e.g.
+        `predict`'s images), or None when they can score as they are: fitted on these weights, with these
+        scoring settings, on the normal splits of these very categories. A model trained on several
+        categories and tested on one of them is so fitted on that category alone (per-category heads)."""
+        if not self.heads_current and self.scoring_changes:
             return (
                 f"scoring settings differ from the checkpoint's ({', '.join(self.scoring_changes)}); fitting the "
                 "heads on the normal training and validation splits before scoring"
             )
-        return HEADS_NOT_CURRENT
+        if not self.heads_current:
+            return HEADS_NOT_CURRENT
+        fitted_on = self.heads_fitted_on
+        if categories is not None and fitted_on is not None and sorted(categories) != fitted_on:
+            return (
+                f"its heads were fitted on the categories {', '.join(fitted_on)}, this data holds "
+                f"{', '.join(sorted(categories))}; fitting them on this data's normal training and validation "
+                "splits before scoring"
+            )
+        return None
 
     def fit_heads(self, datamodule, cached: bool = False) -> None:
         """Fit and calibrate every head on this model's EMA weights: normal training statistics
@@ -379,6 +396,7 @@ class FeatureDDPM(LightningModule):
         rank_zero_info(f"heads: calibrated on the normal validation split in {time.perf_counter() - start:.1f} s")
         self.ema.train(was_training)
         self.heads_fitted_step = self.weights_step
+        self.heads_fitted_on = sorted(datamodule.categories)
 
     def _warn_if_not_learned(self) -> None:
         """Warn when the EMA denoiser's noise prediction at the last timestep does not correlate with the
@@ -435,10 +453,12 @@ class FeatureDDPM(LightningModule):
     # ----- test ----------------------------------------------------------------------------
     def on_test_start(self) -> None:
         """Fit the heads first if the checkpoint holds none fitted on its weights (one written
-        mid-training); then score on the fast path (`prepare_inference`: BatchNorm folded, channels-last)."""
-        if not self.heads_current:
+        mid-training), or on the test data's categories (`refit_reason`); then score on the fast path
+        (`prepare_inference`: BatchNorm folded, channels-last)."""
+        reason = self.refit_reason(self.trainer.datamodule.categories)
+        if reason is not None:
             if self.trainer.is_global_zero:
-                print(f"{self.trainer.ckpt_path or 'this model'}: {self.refit_reason()}")
+                print(f"{self.trainer.ckpt_path or 'this model'}: {reason}")
             self.fit_heads(self.trainer.datamodule)
         self.prepare_inference()
 

@@ -59,9 +59,10 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from ad_lightning.checkpoint import load_checkpoint
+from ad_lightning.data.stored import datamodule_of
 from ad_lightning.evaluation.tables import markdown_table, write_csv
 from ad_lightning.features.backbone import LITE0, packaged_lite_state_dict
-from ad_lightning.inference import datamodule_of, load_model
+from ad_lightning.inference import load_model
 from ad_lightning.lit import FeatureDDPM
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,8 +18,9 @@ from ad_lightning.ablate import int_list
 from ad_lightning.checkpoint import load_checkpoint, resolve_checkpoint
 from ad_lightning.cli import main as cli  # the same entry point as `python -m ad_lightning fit`
 from ad_lightning.data import AnomalyDataModule
+from ad_lightning.data.stored import datamodule_of
 from ad_lightning.errors import UsageError
-from ad_lightning.inference import datamodule_of, resolve_device
+from ad_lightning.inference import resolve_device
 
 DEMO_CATEGORY = "fabric"  # what the experiments train on by default
 

@@ -31,13 +31,14 @@ from harness import machine
 
 from ad_lightning.ablate import METRICS, Result, Setting, grid_option, grid_settings, run_ablation
 from ad_lightning.checkpoint import load_checkpoint
+from ad_lightning.data.stored import datamodule_of
 from ad_lightning.evaluation.bootstrap import (
     bootstrap_image_auroc,
     bootstrap_image_auroc_difference,
     interval_of_mean,
 )
 from ad_lightning.evaluation.tables import markdown_table, write_csv
-from ad_lightning.inference import datamodule_of, resolve_device
+from ad_lightning.inference import resolve_device
 
 SUMMARY = ("setting", "image_auroc", "image_interval", "pixel_auroc", "pixel_interval", "aupro", "f1", "nfe",
            "ms_per_image", "image_vs_first", "image_vs_first_interval")  # fmt: skip

@@ -13,9 +13,9 @@ from ad_lightning import ablate
 from ad_lightning.ablate import COLUMNS, Setting, check_settings, grid_settings, number_list, settings_grid
 from ad_lightning.cli import main
 from ad_lightning.data import AnomalyDataModule, BadInputError, Demo, MVTecAD
+from ad_lightning.data.stored import datamodule_of
 from ad_lightning.errors import UsageError
 from ad_lightning.evaluation.tables import markdown_table
-from ad_lightning.inference import datamodule_of
 
 pytestmark = pytest.mark.usefixtures("raw_errors")  # input errors raised, not printed
 

@@ -5,12 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ad_lightning import benchmark
-from ad_lightning.evaluation.tables import RESULT_COLUMNS as COLUMNS
 from ad_lightning.cli import main
+from ad_lightning.errors import UsageError
 from ad_lightning.evaluation.report import COMPLETE, mark_complete
+from ad_lightning.evaluation.tables import RESULT_COLUMNS as COLUMNS
 from ad_lightning.run_config import DEFAULT_CONFIG
 
 DATA = ["--data", "MVTecAD", "--data.image_size", "64", "--data.train_batch_size", "8", "--trainer.max_epochs", "1"]
@@ -52,11 +54,13 @@ class FakeCli:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.checkpoints: list[str | None] = []  # each test's --ckpt_path (None for a fit)
 
     def __call__(self, argv: list[str]) -> None:
         option = lambda name: argv[argv.index(name) + 1]
         self.calls.append((argv[0], option("--data.category")))
-        run_dir = Path(option("--trainer.logger.init_args.save_dir")) / option("--data.category")
+        self.checkpoints.append(option("--ckpt_path") if argv[0] == "test" else None)
+        run_dir = Path(option("--trainer.logger.init_args.save_dir")) / option("--trainer.logger.init_args.name")
         run_dir /= option("--trainer.logger.init_args.version")
         run_dir.mkdir(parents=True, exist_ok=True)
         if argv[0] == "test":
@@ -129,3 +133,45 @@ def test_rescore_tests_the_fitted_models_again_with_the_default_heads(tmp_path):
     heads = rescored[rescored.index("--model.heads") + 1]
     assert heads == yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["heads"]
     assert "--model.head_args" in rescored and "--ckpt_path" in rescored
+
+
+def test_shared_trains_one_model_on_every_category_and_tests_each_with_it(tmp_path):
+    """`--shared`: one fit on all the categories, then one test per category on its checkpoint (the heads are
+    refitted per category by `test`); a second run reuses the complete shared model and the complete tests."""
+    out, cli = tmp_path / "results.csv", FakeCli()
+    assert fake_benchmark(out, cli, "--shared") == {"widget": "0.02", "gadget": "0.03", "mean": "0.025"}
+    assert cli.calls == [("fit", "widget,gadget"), ("test", "widget"), ("test", "gadget")]
+    shared = str(tmp_path / "results" / benchmark.SHARED / "fit" / "checkpoints" / "last.ckpt")
+    assert cli.checkpoints == [None, shared, shared]
+    (tmp_path / "results" / "gadget" / "test" / COMPLETE).unlink()  # as if killed while testing gadget
+    cli.calls.clear()
+    fake_benchmark(out, cli, "--shared")
+    assert cli.calls == [("test", "gadget")]
+    cli.calls.clear()
+    fake_benchmark(out, cli, "--shared", "--force")  # everything again, the shared model too
+    assert cli.calls == [("fit", "widget,gadget"), ("test", "widget"), ("test", "gadget")]
+
+
+def test_ckpt_path_tests_every_category_with_a_trained_model(tmp_path):
+    model = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": {}}, model)  # `benchmark` only checks that it loads; the fake `test` reads nothing
+    cli = FakeCli()
+    fake_benchmark(tmp_path / "results.csv", cli, "--ckpt_path", str(model))
+    assert cli.calls == [("test", "widget"), ("test", "gadget")] and cli.checkpoints == [str(model)] * 2
+    cli.calls.clear()
+    fake_benchmark(tmp_path / "results.csv", cli, "--ckpt_path", str(model), "--rescore")
+    assert cli.calls == [("test", "widget"), ("test", "gadget")]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--shared", "--ckpt_path", "m.ckpt"], "pass one of them"),
+        (["--categories", "all_categories,widget"], "collides"),
+    ],
+)
+def test_conflicting_shared_options_are_refused(tmp_path, extra, message):
+    cli = FakeCli()
+    with pytest.raises(UsageError, match=message):
+        benchmark.main(["--categories", "widget", "--out", str(tmp_path / "r.csv"), *extra], cli=cli)
+    assert cli.calls == []

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_WIDGET
+from conftest import TINY_WIDGET, build_mvtec_tree
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import main
@@ -135,3 +135,45 @@ def test_a_checkpoint_loaded_with_other_head_args_has_its_heads_refitted(easy_mo
     assert fewer.heads_current and fewer.scoring_changes == []
     assert float(fewer.heads["irf"].threshold) == float(FeatureDDPM.from_checkpoint(path).heads["irf"].threshold)
     assert "_stored_values" not in fewer.hparams  # the stored values never become a hyper-parameter
+
+
+def test_a_model_of_several_categories_tested_on_one_fits_its_heads_on_that_one(tree, tmp_path, fits, capsys):
+    """Per-category heads from one denoiser: heads fitted on widget and gadget together are refitted on
+    widget's normal splits alone when only widget is tested, exactly as fitting them by hand on widget."""
+    build_mvtec_tree(tree, "gadget", n_train=20, n_test_good=4)
+    run("fit", tree, "--trainer.max_epochs", "1", "--data.category", "widget,gadget")
+    path = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(path)["heads_fitted_on"] == ["gadget", "widget"]
+
+    fits.clear()
+    capsys.readouterr()
+    run("test", tree, "--ckpt_path", str(path), "--data.category", "gadget,widget")  # the same categories
+    assert fits == [] and "fitted on the categories" not in capsys.readouterr().out
+    run("test", tree, "--ckpt_path", str(path), "--data.category", "widget")
+    said = capsys.readouterr().out
+    assert len(fits) == 1 and "fitted on the categories gadget, widget, this data holds widget" in said
+    deployed = json.loads((tmp_path / "runs" / "version_2" / "metrics.json").read_text())["thresholds"]
+    by_hand = FeatureDDPM.from_checkpoint(str(path))
+    by_hand.fit_heads(MVTecAD(tree, "widget", image_size=64))
+    assert by_hand.heads_fitted_on == ["widget"]
+    for head in ("likelihood", "irf"):
+        pooled = float(FeatureDDPM.from_checkpoint(str(path)).heads[head].threshold)
+        refitted = deployed["deployed_image_threshold"][head]
+        assert refitted == pytest.approx(float(by_hand.heads[head].threshold), rel=1e-5) and refitted != pooled, head
+
+
+def test_checkpoints_from_before_the_categories_were_kept_name_their_training_data(tree, tmp_path):
+    """A checkpoint without `heads_fitted_on` had its heads fitted at the end of `fit` on its own data: its
+    categories are read from the data it stores, so testing one category of it still refits the heads."""
+    build_mvtec_tree(tree, "gadget", n_train=20, n_test_good=4)
+    run("fit", tree, "--trainer.max_epochs", "1", "--data.category", "widget,gadget")
+    ckpt = load_checkpoint(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt")
+    del ckpt["heads_fitted_on"]
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+    model = FeatureDDPM.from_checkpoint(str(tmp_path / "legacy.ckpt"))
+    assert model.heads_fitted_on == ["gadget", "widget"] and model.refit_reason(["gadget", "widget"]) is None
+    assert "this data holds widget" in model.refit_reason(["widget"])
+    ckpt["datamodule_hyper_parameters"]["_class_path"] = "gone_package.Data"  # a DataModule no longer installed
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+    model = FeatureDDPM.from_checkpoint(str(tmp_path / "legacy.ckpt"))
+    assert model.heads_fitted_on is None and model.refit_reason(["widget"]) is None  # unknown: not checked
