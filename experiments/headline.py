@@ -7,7 +7,8 @@ categories, as the README's first command trains on the demo set), from the sets
 Writes results/headline.csv and .md (per head and set: mean over categories of image / pixel AUROC,
 AUPRO, F1 at the deployed threshold, the share of normal test images flagged at that threshold (its target
 is 1 - threshold_q, 1 %), ms per image at batch 1) and results/headline_categories.csv and
-.md (image / pixel AUROC per set, category and head).
+.md (image / pixel AUROC per set, category and head). A run may also be a `benchmark` directory (one test
+run per category, e.g. `benchmark --ckpt_path`: the heads fitted on each category alone).
 """
 
 from __future__ import annotations
@@ -26,9 +27,21 @@ SHORT = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "A
 
 def named_run(text: str) -> tuple[str, Path]:
     name, _, path = text.partition("=")
-    if not path or not (Path(path) / "metrics.json").is_file():
-        raise argparse.ArgumentTypeError(f"--run {text!r}: give NAME=DIR, DIR a complete test run (its metrics.json)")
+    if not path or not (is_run(Path(path)) or benchmark_runs(Path(path))):
+        raise argparse.ArgumentTypeError(
+            f"--run {text!r}: give NAME=DIR, DIR a complete test run (its metrics.json) or a benchmark's directory "
+            "(<category>/test/metrics.json under it)"
+        )
     return name, Path(path)
+
+
+def is_run(path: Path) -> bool:
+    return (path / "metrics.json").is_file()
+
+
+def benchmark_runs(path: Path) -> dict[str, Path]:
+    """category -> its test run, of a `benchmark` directory (one test run per category), sorted by category."""
+    return {run.parent.name: run for run in sorted(path.glob("*/test")) if is_run(run)}
 
 
 def scored_heads(heads: dict) -> dict[str, dict]:
@@ -51,6 +64,26 @@ def load_run(run: Path) -> dict:
     return metrics
 
 
+def load_benchmark(path: Path) -> dict:
+    """A benchmark's test runs (one per category, each with its own heads) as one run's metrics: per head the
+    mean over categories of each metric, except the normal FPR, pooled over every normal test image."""
+    tests = benchmark_runs(path)
+    runs = {category: load_run(run) for category, run in tests.items()}
+    normal = {category: count_normal(run) for category, run in tests.items()}
+    heads: dict[str, dict] = {}
+    for head in scored_heads(next(iter(runs.values()))["heads"]):
+        values = [metrics["heads"][head] for metrics in runs.values()]
+        means = {m: sum(v[m] for v in values) / len(values) for m in METRICS if values[0].get(m) is not None}
+        flagged = sum(v["normal_fpr"] * normal[c] for c, v in zip(runs, values))
+        heads[head] = {**means, "normal_fpr": flagged / sum(normal.values())}
+    return {"heads": heads, "categories": {c: metrics["categories"][c] for c, metrics in runs.items()}}
+
+
+def count_normal(run: Path) -> int:
+    with (run / "scores.csv").open() as f:
+        return sum(row["label"] == "0" for row in csv.DictReader(f))
+
+
 def summary(runs: dict[str, dict]) -> list[dict]:
     """A row per set and head: its mean over the set's categories."""
     return [
@@ -71,10 +104,11 @@ def by_category(runs: dict[str, dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=named_run, action="append", required=True, help="NAME=DIR of a test run")
+    parser.add_argument("--run", type=named_run, action="append", required=True,
+                        help="NAME=DIR of a test run, or of a benchmark (heads fitted per category)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("results/headline.csv"))
     args = parser.parse_args()
-    runs = {name: load_run(path) for name, path in args.run}
+    runs = {name: load_run(path) if is_run(path) else load_benchmark(path) for name, path in args.run}
     rows, columns = summary(runs), ["set", "head", *SHORT.values()]
     write_csv(args.out, rows, columns)
     table = markdown_table(rows, columns)

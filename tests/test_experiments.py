@@ -90,14 +90,15 @@ def test_reverse_scoring_reuses_a_checkpoint_and_prints_its_table(recon_vs_inver
     assert not (out / "fit").exists()  # the given checkpoint was used, nothing trained
 
 
-def fake_test_run(run: Path, normal_scores: list[float], threshold: float) -> Path:
+def fake_test_run(run: Path, normal_scores: list[float], threshold: float, category: str = "widget",
+                  irf_auroc: float = 0.9) -> Path:  # fmt: skip
     """A test run directory as `test` writes it: metrics.json (one category, an irf head with a map, an
     iforest head without one, a raw term) and scores.csv (two anomalous images, then the normal ones)."""
     run.mkdir(parents=True)
-    irf = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "f1": 0.6, "ms_per_image": 5.0}
+    irf = {"image_auroc": irf_auroc, "pixel_auroc": 0.8, "aupro": 0.7, "f1": 0.6, "ms_per_image": 5.0}
     iforest = {"image_auroc": 0.55, "f1": 0.1, "ms_per_image": 1.0}
     heads = {"irf": irf, "irf_prior": {"image_auroc": 0.5}, "iforest": iforest}
-    metrics = {"heads": heads, "categories": {"widget": {"heads": heads}},
+    metrics = {"heads": heads, "categories": {category: {"heads": heads}},
                "thresholds": {"deployed_image_threshold": {"irf": threshold, "iforest": 100.0}}}  # fmt: skip
     (run / "metrics.json").write_text(json.dumps(metrics))
     rows = [("a0.png", 1, 9.0), ("a1.png", 1, 8.0)] + [(f"n{i}.png", 0, s) for i, s in enumerate(normal_scores)]
@@ -119,6 +120,23 @@ def test_headline_reports_every_decided_head_and_the_normal_false_positive_rate(
     assert float(rows["demo", "irf"]["image AUROC"]) == 0.9
     categories = (tmp_path / "headline_categories.md").read_text()
     assert "| demo | widget | irf | 0.900 | 0.800 |" in categories
+
+
+def test_headline_reads_a_benchmark_as_one_run_of_its_categories(tmp_path):
+    """A benchmark directory (a test run per category): means over the categories, the normal FPR pooled over
+    every normal test image (2 of 6 here), each category's own row."""
+    bench = tmp_path / "bench"
+    fake_test_run(bench / "widget" / "test", [1.0, 2.0, 3.0, 4.0], threshold=3.0)  # 2 of 4 normals flagged
+    fake_test_run(bench / "gadget" / "test", [1.0, 2.0], threshold=5.0, category="gadget", irf_auroc=0.7)
+    (bench / "all_categories" / "fit").mkdir(parents=True)  # the shared model's run: no test, not a category
+    out = tmp_path / "headline.csv"
+    run_script("headline.py", "--run", f"photos={bench}", "--out", str(out))
+    with out.open() as f:
+        rows = {(r["set"], r["head"]): r for r in csv.DictReader(f)}
+    assert float(rows["photos", "irf"]["image AUROC"]) == pytest.approx(0.8)
+    assert float(rows["photos", "irf"]["normal FPR"]) == pytest.approx(2 / 6)
+    categories = (tmp_path / "headline_categories.md").read_text()
+    assert "| photos | gadget | irf | 0.700 | 0.800 |" in categories and "| photos | widget | irf | 0.900" in categories
 
 
 def test_first_command_runs_the_readme_first_bash_block_stage_by_stage(monkeypatch):
