@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from ad_lightning import benchmark
+from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.cli import main
 from ad_lightning.errors import UsageError
 from ad_lightning.evaluation.report import COMPLETE, mark_complete
@@ -45,6 +46,23 @@ def test_benchmark_writes_table_with_mean_row_and_resumes(tmp_path, make_mvtec_t
     monkeypatch.setattr("ad_lightning.benchmark.fit_category", lambda *a: calls.append(a))
     main([*args, *DATA])  # both categories are done: nothing reruns
     assert calls == [] and metrics.stat().st_mtime_ns == stamp
+
+
+def test_shared_end_to_end_one_training_and_heads_per_category(tmp_path, make_mvtec_tree, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for category in ("widget", "gadget"):
+        make_mvtec_tree(tmp_path / "data", category, n_train=20, n_test_good=4)
+    out = tmp_path / "bench" / "results.csv"
+    main(["benchmark", "--shared", "--categories", "widget,gadget", "--out", str(out), "--data.root",
+          str(tmp_path / "data"), *DATA])  # fmt: skip
+    shared = load_checkpoint(tmp_path / "bench" / "results" / "all_categories" / "fit" / "checkpoints" / "last.ckpt")
+    assert shared["heads_fitted_on"] == ["gadget", "widget"]
+    said = capsys.readouterr().out
+    assert "this data holds widget" in said and "this data holds gadget" in said  # each category's own heads
+    with out.open() as f:
+        rows = {(r["category"], r["head"]) for r in csv.DictReader(f)}
+    assert {("widget", "likelihood"), ("gadget", "likelihood"), ("mean", "likelihood")} <= rows
+    assert not (tmp_path / "bench" / "results" / "widget" / "fit").exists()  # no model of its own
 
 
 class FakeCli:
