@@ -28,6 +28,7 @@ from ad_lightning.data.tiling import extract_tiles, stitch, tile_boxes
 from ad_lightning.diffusion import SharedCalls, linear_alpha_bar, noise_correlation, q_sample
 from ad_lightning.errors import UsageError
 from ad_lightning.evaluation.report import TestRecorder
+from ad_lightning.evaluation.thresholds import METHODS as THRESHOLD_METHODS
 from ad_lightning.evaluation.thresholds import is_anomalous
 from ad_lightning.evaluation.timing import StageTimer, batch1_latency
 from ad_lightning.features.backbone import Backbone
@@ -73,7 +74,8 @@ class FeatureDDPM(LightningModule):
         latency_images: test images re-scored one at a time (after 3 warm-up images), each head alone,
             for its batch-1 latency in metrics.json; 0 turns it off.
         threshold_method, threshold_q: the deployed image threshold of each head, fitted on the
-            normal validation scores: the `threshold_q` percentile, or `otsu`.
+            normal validation scores: their `threshold_q` percentile, that of a Gaussian fitted to them
+            (`gaussian`, for few validation images), or `otsu`.
         fit_heads_every_n_epochs: heads are fitted and calibrated once, at the end of training, on the
             final EMA weights (0); k > 0 also fits them every k epochs, e.g. to watch them during training.
     """
@@ -106,6 +108,10 @@ class FeatureDDPM(LightningModule):
         fit_heads_every_n_epochs: int = 0,
     ) -> None:
         super().__init__()
+        if threshold_method not in THRESHOLD_METHODS:
+            raise UsageError(
+                f"--model.threshold_method {threshold_method!r} is not one of {', '.join(THRESHOLD_METHODS)}"
+            )
         if fit_heads_every_n_epochs < 0:
             raise ValueError(
                 f"fit_heads_every_n_epochs={fit_heads_every_n_epochs} must be >= 0 (0: at the end of training only); "

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ad_lightning.data.tiling import extract_tiles, tile_boxes
 from ad_lightning.data import Printed3D
+from ad_lightning.data.tiling import extract_tiles, tile_boxes
+from ad_lightning.errors import UsageError
 from ad_lightning.heads import Head, HeadOutput
 from ad_lightning.lit import FeatureDDPM, ema_with_warmup, parse_names
 
@@ -157,3 +158,8 @@ def test_heads_fitted_on_a_denoiser_that_learned_nothing_warn_with_the_fix():
 def test_the_peak_learning_rate_defaults_to_the_denoiser_size_s_and_a_given_one_wins(denoiser, lr):
     assert FeatureDDPM(pretrained=False, denoiser=denoiser).hparams.lr == lr
     assert FeatureDDPM(pretrained=False, denoiser=denoiser, lr=5e-4).hparams.lr == 5e-4
+
+
+def test_an_unknown_threshold_method_is_refused_before_anything_is_trained():
+    with pytest.raises(UsageError, match="--model.threshold_method 'median' is not one of percentile, gaussian, otsu"):
+        FeatureDDPM(pretrained=False, threshold_method="median")

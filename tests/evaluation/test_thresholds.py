@@ -31,6 +31,26 @@ def test_otsu_on_normal_only_data_cuts_inside_it():
     assert flagged_q99 == pytest.approx(0.01, abs=0.005)
 
 
+def test_gaussian_is_the_fitted_normal_distributions_percentile():
+    scores = torch.arange(10.0)  # mean 4.5, sample std 3.028
+    assert fit_threshold(scores, method="gaussian", q=99.0) == pytest.approx(4.5 + 2.3263 * 3.0277, abs=1e-3)
+
+
+@pytest.mark.parametrize("n", [10, 16])
+def test_few_normal_scores_flag_about_1_in_n_plus_1_by_percentile_and_near_the_target_by_gaussian(n):
+    """Many validation sets of n Gaussian normal scores, each threshold applied to fresh normal scores: the
+    empirical 99th percentile flags about 1 / (n + 1) of them (9 % at n = 10), the fitted Gaussian's near 1 %."""
+    rng = np.random.default_rng(4)
+    fresh = rng.normal(size=20_000)
+
+    def flagged(method):
+        thresholds = [fit_threshold(torch.tensor(rng.normal(size=n)), method=method) for _ in range(2000)]
+        return float(np.mean([(fresh >= t).mean() for t in thresholds]))
+
+    assert flagged("percentile") == pytest.approx(1 / (n + 1), rel=0.25)
+    assert 0.01 < flagged("gaussian") < 0.035  # 2.7 % and 1.9 %: the estimated spread's error fattens the tail
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="no normal validation scores"):
         fit_threshold(torch.zeros(0))
@@ -40,9 +60,11 @@ def test_bad_input_raises():
         fit_threshold(torch.rand(4), q=101.0)
     with pytest.raises(ValueError, match="otsu"):
         fit_threshold(torch.rand(4), method="mean")
+    with pytest.raises(ValueError, match="2 or more scores"):
+        fit_threshold(torch.rand(1), method="gaussian")
 
 
-@pytest.mark.parametrize("method", ["percentile", "otsu"])
+@pytest.mark.parametrize("method", ["percentile", "gaussian", "otsu"])
 def test_threshold_does_not_depend_on_test_labels(method):
     """Tiny pipeline: fit on normal validation scores, evaluate on test with shuffled labels."""
     rng = np.random.default_rng(3)
