@@ -46,8 +46,8 @@ def run_args(category: str, name: str, out_dir: Path, passthrough: list[str], ve
 
 def fit_category(cli: Callable[[list[str]], None], category: str, out_dir: Path, passthrough: list[str],
                  name: str | None = None) -> None:  # fmt: skip
-    """Fit one category (or a comma list of them, as `name`); the run is marked complete when `fit`
-    returns (training ended, heads fitted)."""
+    """Fit one category, or a comma list of them logged under `name`; the run is marked complete when
+    `fit` returns (training ended, heads fitted)."""
     name = name or category
     cli(["fit", *run_args(category, name, out_dir, passthrough, "fit")])
     mark_complete(out_dir / name / "fit")
