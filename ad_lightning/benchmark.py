@@ -143,13 +143,11 @@ def main(argv: list[str], cli: Callable[[list[str]], None]) -> None:
             test_category(cli, category, out_dir, [*passthrough, *current_heads(passthrough)], checkpoint=shared)
         elif is_complete(test_dir) and not args.force:
             print(f"benchmark: {category} already done ({test_dir}); --force reruns it")
-        elif shared is not None:
-            shutil.rmtree(out_dir / category, ignore_errors=True)
-            test_category(cli, category, out_dir, passthrough, checkpoint=shared)
         else:
             shutil.rmtree(out_dir / category, ignore_errors=True)
-            fit_category(cli, category, out_dir, passthrough)
-            test_category(cli, category, out_dir, passthrough)
+            if shared is None:
+                fit_category(cli, category, out_dir, passthrough)
+            test_category(cli, category, out_dir, passthrough, checkpoint=shared)
         rows += category_rows(category, json.loads((test_dir / "metrics.json").read_text()))
     write_tables(rows + mean_rows(rows), args.out)
     print(f"results: {args.out}\ntable:   {args.out.with_suffix('.md')}")

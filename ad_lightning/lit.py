@@ -354,13 +354,13 @@ class FeatureDDPM(LightningModule):
         `predict`'s images), or None when they can score as they are: fitted on these weights, with these
         scoring settings, on the normal splits of these very categories. A model trained on several
         categories and tested on one of them is so fitted on that category alone (per-category heads)."""
-        if not self.heads_current and self.scoring_changes:
+        if not self.heads_current:
+            if not self.scoring_changes:
+                return HEADS_NOT_CURRENT
             return (
                 f"scoring settings differ from the checkpoint's ({', '.join(self.scoring_changes)}); fitting the "
                 "heads on the normal training and validation splits before scoring"
             )
-        if not self.heads_current:
-            return HEADS_NOT_CURRENT
         fitted_on = self.heads_fitted_on
         if categories is not None and fitted_on is not None and sorted(categories) != fitted_on:
             return (

@@ -49,39 +49,35 @@ def scored_heads(heads: dict) -> dict[str, dict]:
     return {h: v for h, v in heads.items() if "f1" in v}
 
 
-def normal_fpr(run: Path, thresholds: dict[str, float]) -> dict[str, float]:
-    """head -> the share of normal test images (scores.csv label 0) at or above its deployed threshold."""
+def normal_rows(run: Path) -> list[dict]:
+    """The rows of the normal test images (label 0) of a run's scores.csv."""
     with (run / "scores.csv").open() as f:
-        normal = [row for row in csv.DictReader(f) if row["label"] == "0"]
-    return {h: sum(float(row[h]) >= t for row in normal) / len(normal) for h, t in thresholds.items()}
+        return [row for row in csv.DictReader(f) if row["label"] == "0"]
 
 
 def load_run(run: Path) -> dict:
-    """A test run's metrics.json, with each head's normal_fpr added."""
+    """A test run's metrics.json, with each head's normal_fpr (the share of normal test images at or above its
+    deployed threshold) and the number of normal test images (`normal_images`) added."""
     metrics = json.loads((run / "metrics.json").read_text())
-    for head, fpr in normal_fpr(run, metrics["thresholds"]["deployed_image_threshold"]).items():
-        metrics["heads"][head]["normal_fpr"] = fpr
+    normal = normal_rows(run)
+    for head, threshold in metrics["thresholds"]["deployed_image_threshold"].items():
+        metrics["heads"][head]["normal_fpr"] = sum(float(row[head]) >= threshold for row in normal) / len(normal)
+    metrics["normal_images"] = len(normal)
     return metrics
 
 
 def load_benchmark(path: Path) -> dict:
     """A benchmark's test runs (one per category, each with its own heads) as one run's metrics: per head the
     mean over categories of each metric, except the normal FPR, pooled over every normal test image."""
-    tests = benchmark_runs(path)
-    runs = {category: load_run(run) for category, run in tests.items()}
-    normal = {category: count_normal(run) for category, run in tests.items()}
+    runs = {category: load_run(run) for category, run in benchmark_runs(path).items()}
+    normal = sum(metrics["normal_images"] for metrics in runs.values())
     heads: dict[str, dict] = {}
     for head in scored_heads(next(iter(runs.values()))["heads"]):
         values = [metrics["heads"][head] for metrics in runs.values()]
         means = {m: sum(v[m] for v in values) / len(values) for m in METRICS if values[0].get(m) is not None}
-        flagged = sum(v["normal_fpr"] * normal[c] for c, v in zip(runs, values))
-        heads[head] = {**means, "normal_fpr": flagged / sum(normal.values())}
+        flagged = sum(m["heads"][head]["normal_fpr"] * m["normal_images"] for m in runs.values())
+        heads[head] = {**means, "normal_fpr": flagged / normal}
     return {"heads": heads, "categories": {c: metrics["categories"][c] for c, metrics in runs.items()}}
-
-
-def count_normal(run: Path) -> int:
-    with (run / "scores.csv").open() as f:
-        return sum(row["label"] == "0" for row in csv.DictReader(f))
 
 
 def summary(runs: dict[str, dict]) -> list[dict]:

@@ -35,7 +35,8 @@ def datamodule_of(
 
 def trained_categories(ckpt: dict) -> list[str] | None:
     """The categories of the checkpoint's training DataModule, sorted: those its heads were fitted on at the
-    end of `fit`. None when they cannot be told here (its data root, needed to list 'all', is gone)."""
+    end of `fit`. None when they cannot be told here (its DataModule class is not installed, or its data
+    root, needed to list 'all' of a layout without a fixed list, is gone)."""
     try:
         return sorted(datamodule_of(ckpt).categories)
     except (UsageError, BadInputError, FileNotFoundError):
