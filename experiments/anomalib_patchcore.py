@@ -33,6 +33,12 @@ What is measured, per category:
   forward as shipped. The 1-minute load average before and after each setting is recorded: other jobs on
   the machine slow every model alike but make the numbers noisy.
 
+`--paired LABEL=CHECKPOINT:HEAD` (repeatable): a trained model, e.g. one denoiser for every category, whose
+heads are fitted on each category's normal training and validation images in turn (as `benchmark --ckpt_path`
+does) and whose HEAD scores the same test tensors; its mean image and pixel AUROC minus anomalib's come with a
+paired 95 % bootstrap interval (`--boot` resamples of the test images within each category, stratified by
+label, the same resamples for both), so a difference can be told from the noise of a few dozen test images.
+
 Writes `--out` (CSV, one value a row) and a Markdown report beside it, with the CPU model and date.
 anomalib is imported only where it is used, so the timing and report code runs (and is tested) without it.
 """
@@ -40,6 +46,7 @@ anomalib is imported only where it is used, so the timing and report code runs (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -60,6 +67,7 @@ from torch import Tensor
 
 from ad_lightning.checkpoint import load_checkpoint
 from ad_lightning.data.stored import datamodule_of
+from ad_lightning.evaluation.bootstrap import bootstrap_image_auroc_difference, bootstrap_pixel_auroc_difference
 from ad_lightning.evaluation.tables import markdown_table, write_csv
 from ad_lightning.features.backbone import LITE0, packaged_lite_state_dict
 from ad_lightning.inference import load_model
@@ -70,6 +78,7 @@ LAYERS = ("blocks.2", "blocks.4")  # timm's names of Lite0's feature stages 2 an
 HEAD = "patchcore"
 ANOMALIB = "anomalib"
 FEATURE_TOLERANCE = 1e-4
+EXTRA_ROWS = ("latency", "paired")  # row categories that are not test categories
 BATCH = 16  # images per forward when fitting and scoring for AUROC (not for latency)
 
 
@@ -91,6 +100,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latency_head_args", type=yaml.safe_load, metavar="YAML",
                         help="head_args for the --latency_model checkpoints, as --model.head_args (the heads are then "
                         "fitted on the checkpoint's normal splits first, as `test` does)")
+    parser.add_argument("--paired", action="append", default=[], metavar="LABEL=CHECKPOINT:HEAD",
+                        help="a trained model (e.g. one denoiser for all categories) whose heads are fitted on each "
+                        "category's normal images in turn and whose HEAD is compared with anomalib on the same test "
+                        "images: paired bootstrap intervals of the difference in mean image and pixel AUROC "
+                        "(repeatable)")
+    parser.add_argument("--paired_head_args", type=yaml.safe_load, metavar="YAML",
+                        help="head_args for the --paired checkpoints, as --model.head_args")
+    parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the paired intervals")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--threads", default="2,1", help="torch thread counts to time at")
@@ -177,9 +194,9 @@ def anomalib_outputs(model: torch.nn.Module, normalise: Callable, images: Tensor
     return torch.cat([o.pred_score.flatten() for o in outs]), torch.cat([o.anomaly_map[:, 0] for o in outs])
 
 
-def our_outputs(model: FeatureDDPM, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Our patchcore head's image scores [M] and maps [M, H, W]."""
-    outs = [model.score_batch(chunk, heads=[HEAD])[HEAD] for chunk in images.split(BATCH)]
+def our_outputs(model: FeatureDDPM, images: Tensor, head: str = HEAD) -> tuple[Tensor, Tensor]:
+    """Our `head`'s image scores [M] and maps [M, H, W]."""
+    outs = [model.score_batch(chunk, heads=[head])[head] for chunk in images.split(BATCH)]
     return torch.cat([o.score for o in outs]), torch.cat([o.maps for o in outs])
 
 
@@ -217,10 +234,43 @@ def ad_lightning_revision() -> str:
     return f"{git('rev-parse', '--short', 'HEAD')}{' + uncommitted changes' if dirty else ''}"
 
 
+def model_spec(spec: str, option: str) -> tuple[str, str, str]:
+    """(label, checkpoint, head) of a LABEL=CHECKPOINT:HEAD option value."""
+    label, _, target = spec.partition("=")
+    checkpoint, _, head = target.rpartition(":")
+    if not (label and checkpoint and head):
+        raise SystemExit(f"{option} {spec!r}: expected LABEL=CHECKPOINT:HEAD, e.g. ensemble=last.ckpt:ensemble")
+    return label, checkpoint, head
+
+
+def paired_models(specs: list[str], head_args: dict | None) -> dict[str, tuple[FeatureDDPM, dict, str]]:
+    """The --paired models (their heads fitted per category later), each with its checkpoint and head."""
+    overrides = {} if head_args is None else {"head_args": head_args}
+    models = {}
+    for spec in specs:
+        label, checkpoint, head = model_spec(spec, "--paired")
+        model = FeatureDDPM.from_checkpoint(checkpoint, **overrides).eval()
+        if head not in model.heads:
+            raise SystemExit(f"--paired {spec!r}: the model has no head {head!r} (it has {', '.join(model.heads)})")
+        models[label] = (model, load_checkpoint(checkpoint, mmap=True), head)
+    return models
+
+
+def fit_on_category(model: FeatureDDPM, ckpt: dict, data_root: Path, category: str) -> None:
+    """Fit `model`'s heads on `category`'s normal training and validation images alone, as `benchmark
+    --ckpt_path` does, then prepare it for scoring."""
+    model.fit_heads(datamodule_of(ckpt, overrides={"root": str(data_root), "category": category}))
+    model.prepare_inference()
+
+
 def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[str]) -> tuple[list[dict], dict]:
-    """Fit anomalib per category and score both; long-format rows, the largest feature difference,
-    anomalib's fit seconds per category and the latency category's models and test images."""
+    """Fit anomalib per category and score every model; long-format rows, the largest feature difference,
+    anomalib's fit seconds per category, the latency category's models and test images, and what the paired
+    intervals need: per test image its category, label, mask, and anomalib's and each --paired model's outputs."""
     rows, fit_seconds, max_difference, latency = [], {}, 0.0, {}
+    paired = paired_models(args.paired, args.paired_head_args)
+    outputs: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in [ANOMALIB, *paired]}
+    truth: dict[str, list] = {"groups": [], "labels": [], "masks": []}
     first_dir = next(iter(ours.values()))
     for category in categories:
         data = split_tensors(first_dir, category, args.data_root)
@@ -241,11 +291,20 @@ def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[st
         took = "reused" if fit_seconds[category] is None else f"{fit_seconds[category]:.0f} s"
         shape = tuple(anomalib_model.memory_bank.shape)
         print(f"{category}: anomalib fitted on {len(data['train'])} images ({took}), memory bank {shape}", flush=True)
-        results = {ANOMALIB: aurocs(*anomalib_outputs(anomalib_model, normalise, data["test"]), data)}
+        results = {ANOMALIB: anomalib_outputs(anomalib_model, normalise, data["test"])}
         for label, model in models.items():
             model.prepare_inference()
-            results[label] = aurocs(*our_outputs(model, data["test"]), data)
+            results[label] = our_outputs(model, data["test"])
             print(f"{category}: ours ({label}) memory bank {tuple(model.heads[HEAD].memory_bank.shape)}", flush=True)
+        for label, (model, ckpt, head) in paired.items():
+            fit_on_category(model, ckpt, args.data_root, category)
+            results[label] = our_outputs(model, data["test"], head)
+        for name in outputs:
+            outputs[name].append(results[name])
+        truth["groups"] += [category] * len(data["labels"])
+        truth["labels"].append(data["labels"])
+        truth["masks"].append(data["masks"][:, 0])  # [M, 1, H, W] -> [M, H, W]
+        results = {name: aurocs(*result, data) for name, result in results.items()}
         for name, values in results.items():
             print(f"{category}: {name:>10} image AUROC {values['image_auroc']:.4f}, "
                   f"pixel AUROC {values['pixel_auroc']:.4f}", flush=True)
@@ -253,8 +312,14 @@ def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[st
         if category == args.latency_category:
             scorers = {ANOMALIB: lambda image, m=anomalib_model, n=normalise: m(n(image))}
             scorers |= {label: lambda image, m=m: m.score_batch(image, heads=[HEAD]) for label, m in models.items()}
+            scorers |= {  # a copy: the model's heads are fitted on the next category next
+                label: lambda image, m=copy.deepcopy(model), h=head: m.score_batch(image, heads=[h])
+                for label, (model, _, head) in paired.items()
+            }
             latency = {"scorers": scorers, "images": data["test"][: args.warmup + args.images]}
-    return rows, {"max_difference": max_difference, "fit_seconds": fit_seconds, "latency": latency}
+    extra = {"max_difference": max_difference, "fit_seconds": fit_seconds, "latency": latency}
+    return rows, extra | {"paired": {name: outputs[name] for name in paired}, "anomalib": outputs[ANOMALIB],
+                          "truth": truth}
 
 
 def latency_scorers(specs: list[str], head_args: dict | None) -> dict[str, Callable[[Tensor], object]]:
@@ -263,12 +328,7 @@ def latency_scorers(specs: list[str], head_args: dict | None) -> dict[str, Calla
     overrides = {} if head_args is None else {"head_args": head_args}
     scorers = {}
     for spec in specs:
-        label, _, target = spec.partition("=")
-        checkpoint, _, head = target.rpartition(":")
-        if not (label and checkpoint and head):
-            raise SystemExit(
-                f"--latency_model {spec!r}: expected LABEL=CHECKPOINT:HEAD, e.g. ensemble=last.ckpt:ensemble"
-            )
+        label, checkpoint, head = model_spec(spec, "--latency_model")
         model, _ = load_model(checkpoint, **overrides)
         if head not in model.heads:
             raise SystemExit(
@@ -285,6 +345,27 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     for row in rows:
         means.setdefault((row["model"], row["metric"]), []).append(row["value"])
     return [{"model": m, "category": "mean", "metric": k, "value": statistics.fmean(v)} for (m, k), v in means.items()]
+
+
+def paired_rows(extra: dict, n_boot: int) -> list[dict]:
+    """Each --paired model's mean image and pixel AUROC over the categories minus anomalib's, with its paired
+    95 % bootstrap interval (the same resamples of test images for both, within each category, by label)."""
+    truth = extra["truth"]
+    labels, masks, groups = torch.cat(truth["labels"]), torch.cat(truth["masks"]), truth["groups"]
+    theirs_scores, theirs_maps = (torch.cat(part) for part in zip(*extra["anomalib"], strict=True))  # [N], [N, H, W]
+    rows = []
+    for label, outputs in extra["paired"].items():
+        scores, maps = (torch.cat(part) for part in zip(*outputs, strict=True))
+        intervals = {
+            "image": bootstrap_image_auroc_difference(scores, theirs_scores, labels, groups, n_boot),
+            "pixel": bootstrap_pixel_auroc_difference(maps, theirs_maps, masks, groups, n_boot),
+        }
+        for unit, interval in intervals.items():
+            rows += [
+                {"model": label, "category": "paired", "metric": f"{unit}_difference{suffix}", "value": value}
+                for suffix, value in (("", interval.mean), ("_low", interval.low), ("_high", interval.high))
+            ]
+    return rows
 
 
 def timing_rows(latency: dict, threads: list[int], warmup: int) -> list[dict]:
@@ -307,9 +388,9 @@ def timing_rows(latency: dict, threads: list[int], warmup: int) -> list[dict]:
 
 def report(args: argparse.Namespace, header: list[str], rows: list[dict], extra: dict, models: list[str]) -> str:
     """The Markdown report: settings, AUROC per category and mean, latency per model and thread count."""
-    auroc = {(r["model"], r["category"], r["metric"]): r["value"] for r in rows if r["category"] != "latency"}
+    auroc = {(r["model"], r["category"], r["metric"]): r["value"] for r in rows if r["category"] not in EXTRA_ROWS}
     columns = ["category"] + [f"{m} {k}" for m in models for k in ("image", "pixel")]
-    categories = list(dict.fromkeys(r["category"] for r in rows if r["category"] != "latency"))
+    categories = list(dict.fromkeys(r["category"] for r in rows if r["category"] not in EXTRA_ROWS))
     auroc_rows = [
         {"category": c, **{f"{m} {k}": auroc[(m, c, f"{k}_auroc")] for m in models for k in ("image", "pixel")}}
         for c in categories
@@ -319,6 +400,21 @@ def report(args: argparse.Namespace, header: list[str], rows: list[dict], extra:
         {"model": m, "threads": n, "median ms": r["value"], "p90 ms": timed[(m, n, "p90_ms")]["value"],
          "load before": r["load_before"], "load after": r["load_after"]}
         for (m, n, metric), r in timed.items() if metric == "median_ms"
+    ]
+    differences = {(r["model"], r["metric"]): r["value"] for r in rows if r["category"] == "paired"}
+    paired_rows = [
+        {"model": m, **{f"{unit} AUROC minus anomalib": "{:+.3f} [{:+.3f}, {:+.3f}]".format(
+            *(differences[(m, f"{unit}_difference{suffix}")] for suffix in ("", "_low", "_high")))
+            for unit in ("image", "pixel")}}
+        for m in dict.fromkeys(m for m, _ in differences)
+    ]
+    paired = [] if not paired_rows else [
+        (f"Paired with anomalib on the same test images (mean over the categories; 95 % bootstrap interval, "
+         f"{args.boot} resamples of the test images within each category, by label; pixel AUROC binned as "
+         "ad_lightning.evaluation.bootstrap does):"),
+        "",
+        markdown_table(paired_rows, ["model", "image AUROC minus anomalib", "pixel AUROC minus anomalib"]),
+        "",
     ]
     fits = ", ".join(f"{c} {'reused' if s is None else f'{s:.0f} s'}" for c, s in extra["fit_seconds"].items())
     return "\n".join([
@@ -335,6 +431,7 @@ def report(args: argparse.Namespace, header: list[str], rows: list[dict], extra:
         "",
         markdown_table(latency_rows, ["model", "threads", "median ms", "p90 ms", "load before", "load after"]),
         "",
+        *paired,
         (f"anomalib features vs ours (stages 2 and 3, eval mode, BatchNorm unfolded): max |difference| "
          f"{extra['max_difference']:.1e}. anomalib fit time (reused: the memory bank of an earlier run): {fits}."),
         "",
@@ -363,6 +460,8 @@ def main() -> None:
          f"{args.num_neighbors} neighbours, seed {args.seed}; packaged Lite0 weights; same training split and input "
          "tensors as ours"),
         f"- data: {shown(args.data_root)}, categories {', '.join(categories)}",
+        (f"- paired: {', '.join(args.paired) or 'nothing'}"
+         + (f"; head_args {json.dumps(args.paired_head_args)}" if args.paired_head_args else "")),
         (f"- also timed: {', '.join(args.latency_model) or 'nothing'}"
          + (f"; head_args {json.dumps(args.latency_head_args)}" if args.latency_head_args else "")),
     ]
@@ -371,11 +470,12 @@ def main() -> None:
     rows, extra = accuracy(args, ours, categories)
     extra["latency"]["scorers"] |= latency_scorers(args.latency_model, args.latency_head_args)
     rows += mean_rows(rows)
+    rows += paired_rows(extra, args.boot)
     rows += timing_rows(extra["latency"], threads, args.warmup)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.out, rows, ["model", "category", "metric", "threads", "value", "load_before", "load_after"])
     markdown = args.out.with_suffix(".md")
-    markdown.write_text(report(args, header, rows, extra, [ANOMALIB, *ours]))
+    markdown.write_text(report(args, header, rows, extra, [ANOMALIB, *ours, *extra["paired"]]))
     print(f"results: {args.out}\nreport:  {markdown}")
 
 

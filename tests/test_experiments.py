@@ -238,6 +238,59 @@ def test_anomalib_patchcore_reports_means_and_latency_with_its_settings(anomalib
     assert "x 12 s, y reused" in report
 
 
+def test_anomalib_patchcore_pairs_a_model_with_anomalib_on_the_same_images(anomalib_patchcore, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    masks = torch.zeros(6, 8, 8)
+    masks[3:, 2:5, 2:5] = 1  # the anomalous images' defects
+    theirs = (labels + torch.rand(6, generator=generator), masks + torch.rand(6, 8, 8, generator=generator))
+    ours = (labels * 2 + torch.rand(6, generator=generator), masks * 2 + torch.rand(6, 8, 8, generator=generator))
+    split = lambda pair: [(pair[0][:3], pair[1][:3]), (pair[0][3:], pair[1][3:])]  # noqa: E731 categories a, b
+    order = [0, 3, 1, 4, 2, 5]  # each category holds both classes
+    theirs, ours = [(scores[order], maps[order]) for scores, maps in (theirs, ours)]
+    truth = {"groups": ["a"] * 3 + ["b"] * 3, "labels": [labels[order][:3], labels[order][3:]],
+             "masks": [masks[order][:3], masks[order][3:]]}  # fmt: skip
+    rows = anomalib_patchcore["paired_rows"]({"truth": truth, "anomalib": split(theirs), "paired": {"e": split(ours)}},
+                                             200)  # fmt: skip
+    value = {r["metric"]: r["value"] for r in rows if r["model"] == "e" and r["category"] == "paired"}
+
+    def mean_auroc(scores, targets):
+        return (roc_auc_score(targets[:3], scores[:3]) + roc_auc_score(targets[3:], scores[3:])) / 2
+
+    image = mean_auroc(ours[0], labels[order]) - mean_auroc(theirs[0], labels[order])
+    assert value["image_difference"] == pytest.approx(image, abs=1e-9)
+    pixel = (roc_auc_score(masks[order][:3].flatten(), ours[1][:3].flatten())
+             + roc_auc_score(masks[order][3:].flatten(), ours[1][3:].flatten())) / 2 - (
+             roc_auc_score(masks[order][:3].flatten(), theirs[1][:3].flatten())
+             + roc_auc_score(masks[order][3:].flatten(), theirs[1][3:].flatten())) / 2  # fmt: skip
+    assert value["pixel_difference"] == pytest.approx(pixel, abs=2e-3)  # binned as the bootstrap bins
+    for unit in ("image", "pixel"):
+        assert value[f"{unit}_difference_low"] <= value[f"{unit}_difference"] <= value[f"{unit}_difference_high"]
+    args = argparse.Namespace(data_root=tmp_path / "photos", latency_category="a", warmup=3, images=20, boot=200)
+    auroc = [{"model": m, "category": c, "metric": f"{k}_auroc", "value": 0.5}
+             for m in ("anomalib", "e") for c in ("a", "b") for k in ("image", "pixel")]  # fmt: skip
+    report = anomalib_patchcore["report"](args, ["- header"], auroc + rows, {"max_difference": 0.0,
+                                          "fit_seconds": {"a": None}}, ["anomalib", "e"])  # fmt: skip
+    assert f"| e | {value['image_difference']:+.3f} [{value['image_difference_low']:+.3f}, " in report
+    assert "| b | 0.500 | 0.500 | 0.500 | 0.500 |" in report  # the paired rows are not a category
+
+
+def test_anomalib_patchcore_fits_a_paired_models_heads_on_one_category(anomalib_patchcore, easy_model):
+    irf_only = {"ensemble": {"weights": {"irf": 1.0}}}
+    models = anomalib_patchcore["paired_models"]([f"e={easy_model.ckpt}:ensemble"], irf_only)
+    model, ckpt, head = models["e"]
+    assert head == "ensemble" and set(model.heads) >= {"irf", "ensemble"}
+    model.heads_fitted_on = ["other"]
+    anomalib_patchcore["fit_on_category"](model, ckpt, easy_model.root, "easy")
+    assert model.heads_fitted_on == ["easy"] and model.refit_reason(["easy"]) is None
+    scores, maps = anomalib_patchcore["our_outputs"](model, torch.rand(2, 3, 128, 128), "ensemble")
+    assert scores.shape == (2,) and maps.shape == (2, 128, 128) and torch.isfinite(maps).all()
+    with pytest.raises(SystemExit, match="has no head 'nope'"):
+        anomalib_patchcore["paired_models"]([f"x={easy_model.ckpt}:nope"], None)
+
+
 def test_anomalib_patchcore_shows_paths_under_the_home_directory_with_a_tilde(anomalib_patchcore):
     shown = anomalib_patchcore["shown"]
     assert shown(Path.home() / ".cache" / "photos") == "~/.cache/photos"

@@ -15,6 +15,7 @@ from ad_lightning.evaluation.bootstrap import (
     bootstrap_image_auroc,
     bootstrap_image_auroc_difference,
     bootstrap_pixel_auroc,
+    bootstrap_pixel_auroc_difference,
     resample_counts,
 )
 from ad_lightning.evaluation.metrics import image_auroc, pixel_auroc
@@ -162,6 +163,20 @@ def test_binned_pixel_auroc_is_within_1e3_of_exact_per_category_mean():
     maps, masks = torch.cat([maps_a, maps_b]), torch.cat([masks_a, masks_b])
     interval = bootstrap_pixel_auroc(maps, masks, ["a"] * 12 + ["b"] * 10, n_boot=50)
     assert interval.mean == pytest.approx(exact, abs=1e-3)
+
+
+def test_paired_pixel_difference_is_the_difference_of_means_and_narrower_than_either_interval():
+    maps_b, masks = blob_maps(10, 16)
+    maps_a = maps_b + 0.02 * masks  # A raises every defect pixel a little: better on each image
+    groups = ["a"] * 8 + ["b"] * 8
+    difference = bootstrap_pixel_auroc_difference(maps_a, maps_b, masks, groups, n_boot=200)
+    a = bootstrap_pixel_auroc(maps_a, masks, groups, n_boot=200)
+    b = bootstrap_pixel_auroc(maps_b, masks, groups, n_boot=200)
+    assert difference.mean == pytest.approx(a.mean - b.mean, abs=1e-12)
+    assert difference.low > 0
+    assert width(difference) < width(a) / 2
+    same = bootstrap_pixel_auroc_difference(maps_b, maps_b, masks, groups, n_boot=50)
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
 
 
 def test_binned_pixel_auroc_is_within_1e3_of_exact_with_extreme_outliers():
