@@ -281,6 +281,7 @@ class FeatureDDPM(LightningModule):
         checkpoint["noise_seed"] = self.noise_seed
         checkpoint["heads_fitted_step"] = self.heads_fitted_step
         checkpoint["heads_fitted_on"] = self.heads_fitted_on
+        checkpoint[HEAD_CONFIGS] = {name: plain(head.config) for name, head in self.heads.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.noise_seed = checkpoint.get("noise_seed", self.noise_seed)
@@ -294,7 +295,9 @@ class FeatureDDPM(LightningModule):
         self.heads_fitted_on = trained_categories(checkpoint) if legacy_categories else checkpoint["heads_fitted_on"]
         loaded = checkpoint.get("hyper_parameters") or {}
         stored = {**loaded, **loaded.get(STORED_VALUES, {})}  # as saved, before `from_checkpoint`'s overrides
-        self.scoring_changes = scoring_changes(stored, self.hparams)
+        self.scoring_changes = scoring_changes(stored, self.hparams) or default_changes(
+            checkpoint.get(HEAD_CONFIGS), self.heads
+        )
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("heads.")]:  # other heads' states, or stale ones
             if self.scoring_changes or key.split(".")[1] not in self.heads:
@@ -631,6 +634,32 @@ def scoring_changes(stored: dict, current) -> list[str]:
         elif json.dumps(args, sort_keys=True, default=str) != json.dumps(stored_args.get(name, {}), sort_keys=True, default=str):
             changes.append(f"head_args.{name}: {args} (checkpoint: {stored_args.get(name, {})})")
     changes += [f"{o}: {current[o]} (checkpoint: {stored[o]})" for o in REFIT_OPTIONS if o in stored and stored[o] != current[o]]
+    return changes
+
+
+HEAD_CONFIGS = "head_configs"  # checkpoint key: each head's settings, defaults included, when it was saved
+
+
+def plain(value):
+    """`value` as JSON types (tuples as lists, other objects as their text), for the checkpoint and comparison."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def default_changes(stored: dict | None, heads: nn.ModuleDict) -> list[str]:
+    """The settings of the configured heads that differ from those a checkpoint's heads were built with,
+    though no option asked for it: a default changed in this version of the code since the checkpoint was
+    written, so its fitted state may no longer fit the head. Nothing to compare for checkpoints written
+    before the settings were kept (`stored` None) or for a head the checkpoint lacks (`scoring_changes`)."""
+    changes = []
+    for name, head in heads.items():
+        if stored is None or name not in stored:
+            continue
+        current = plain(head.config)
+        changes += [
+            f"head {name}'s default {key}: {current.get(key)} (checkpoint: {stored[name].get(key)})"
+            for key in sorted(set(current) | set(stored[name]))
+            if current.get(key) != stored[name].get(key)
+        ]
     return changes
 
 

@@ -91,6 +91,12 @@ class Head(FittedState):
         super().__init__()
         for buffer in ("threshold", "map_low", "map_high"):
             self.register_buffer(buffer, torch.tensor(float("nan"), dtype=torch.float64))
+        self.config: dict = {}  # every setting it was built with, defaults included (set by `build_head`)
+
+    def resolved_settings(self) -> dict:
+        """Settings the constructor resolves beyond its signature's defaults (e.g. a default chosen in its
+        body), for `config`; none by default."""
+        return {}
 
     @property
     def nfe(self) -> int:

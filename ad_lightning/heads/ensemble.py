@@ -35,6 +35,9 @@ class EnsembleHead(Head):
     def members(self) -> list[str]:
         return list(self.weights)
 
+    def resolved_settings(self) -> dict:
+        return {"weights": self.weights}  # the default members are chosen in the constructor
+
     def bind(self, heads: dict[str, Head]) -> None:
         """Check the members exist and come before the ensemble; record their network calls."""
         missing = [m for m in self.members if m not in heads]

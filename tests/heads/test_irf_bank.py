@@ -68,3 +68,13 @@ def test_state_dict_round_trip_scores_identically():
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError, match="irf"):
         build_head("irf_bank", **bad)
+
+
+def test_config_holds_every_setting_defaults_included_also_those_forwarded_to_patchcore():
+    head = build_head("irf_bank", num_timesteps=1000, coreset_ratio=0.5, t_star=100, seed=3)
+    assert head.config == {
+        "signal": "both", "t_star": 100, "input": "noise_free", "seed": 3, "num_timesteps": 1000,  # its own
+        "coreset_ratio": 0.5, "aggregate": 3, "count_padding": True, "projection_dim": 128,  # forwarded
+        "num_neighbors": 9, "chunk": 4096, "blur_sigma": 4.0,
+    }  # fmt: skip
+    assert build_head("ensemble").config == {"weights": {"irf": 1.0, "irf_bank": 1.0}, "normalization": "zscore"}

@@ -137,6 +137,25 @@ def test_a_checkpoint_loaded_with_other_head_args_has_its_heads_refitted(easy_mo
     assert "_stored_values" not in fewer.hparams  # the stored values never become a hyper-parameter
 
 
+def test_a_head_default_changed_since_the_checkpoint_has_its_heads_refitted(easy_model, tmp_path):
+    """No option changed, but this version of the code builds a head with another default than the one its stored
+    state was fitted with: that state no longer fits the head, so it is refitted, and the reason names the default."""
+    ckpt = load_checkpoint(easy_model.ckpt)
+    assert ckpt["head_configs"]["irf"]["t_star"] == 200 and ckpt["head_configs"]["ensemble"]["weights"]
+    unchanged = FeatureDDPM.from_checkpoint(str(easy_model.ckpt))
+    assert unchanged.scoring_changes == [] and unchanged.heads_current
+    ckpt["head_configs"]["irf"]["t_star"] = 100  # as if written when irf's default t* was 100
+    older = tmp_path / "older.ckpt"
+    torch.save(ckpt, older)
+    model = FeatureDDPM.from_checkpoint(str(older))
+    assert model.scoring_changes == ["head irf's default t_star: 200 (checkpoint: 100)"]
+    assert not model.heads_current and torch.isnan(model.heads["irf"].threshold)  # fresh states, fitted before use
+    assert "head irf's default t_star: 200 (checkpoint: 100)" in model.refit_reason()
+    del ckpt["head_configs"]  # written before the settings were kept: nothing to compare
+    torch.save(ckpt, older)
+    assert FeatureDDPM.from_checkpoint(str(older)).scoring_changes == []
+
+
 def test_a_model_of_several_categories_tested_on_one_fits_its_heads_on_that_one(tree, tmp_path, fits, capsys):
     """Per-category heads from one denoiser: heads fitted on widget and gadget together are refitted on
     widget's normal splits alone when only widget is tested, exactly as fitting them by hand on widget."""
