@@ -291,6 +291,22 @@ def test_anomalib_patchcore_fits_a_paired_models_heads_on_one_category(anomalib_
         anomalib_patchcore["paired_models"]([f"x={easy_model.ckpt}:nope"], None)
 
 
+def test_stage_view_reproduces_irf_bank_before_it_changes_the_view(easy_model, tmp_path):
+    out = tmp_path / "stage_view.csv"
+    run_script("stage_view.py", "--ckpt_path", str(easy_model.ckpt), "--data_root", str(easy_model.root),
+               "--categories", "easy", "--out", str(out))  # fmt: skip
+    with out.open() as f:
+        value = {(r["category"], r["variant"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
+    variants = {"irf", "irf_bank", "ensemble", "bank_fused", "bank_stages", "stages_only", "ensemble_stages"}
+    assert {v for _, v, _ in value} == variants and {c for c, _, _ in value} == {"easy", "mean"}
+    # the script's own bank on [z0, r] is the irf_bank head: same image scores' order, same maps up to float noise
+    assert value[("easy", "bank_fused", "image_auroc")] == value[("easy", "irf_bank", "image_auroc")]
+    pixel = value[("easy", "irf_bank", "pixel_auroc")]
+    assert value[("easy", "bank_fused", "pixel_auroc")] == pytest.approx(pixel, abs=1e-3)
+    assert all(0.0 <= v <= 1.0 for v in value.values())
+    assert "| mean | stages_only |" in out.with_suffix(".md").read_text()
+
+
 def test_anomalib_patchcore_shows_paths_under_the_home_directory_with_a_tilde(anomalib_patchcore):
     shown = anomalib_patchcore["shown"]
     assert shown(Path.home() / ".cache" / "photos") == "~/.cache/photos"
