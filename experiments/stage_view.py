@@ -159,16 +159,25 @@ def main() -> None:
              for (v, m), x in means.items()]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(args.out, rows, ["category", "variant", "metric", "value"])
+    markdown = args.out.with_suffix(".md")
+    markdown.write_text(report(rows))
+    print(f"results: {args.out}\nreport:  {markdown}")
+
+
+def report(rows: list[dict]) -> str:
+    """Two Markdown tables: the mean over the categories of each variant, then every category."""
     table = {}
     for row in rows:
         column = row["metric"].replace("_auroc", " AUROC")
-        table.setdefault((row["category"], row["variant"]), {})[column] = row["value"]
-    markdown = args.out.with_suffix(".md")
-    markdown.write_text(markdown_table(
-        [{"category": c, "variant": v, **values} for (c, v), values in table.items()],
-        ["category", "variant", "image AUROC", "pixel AUROC"],
-    ) + "\n")  # fmt: skip
-    print(f"results: {args.out}\nreport:  {markdown}")
+        table.setdefault((row["category"], row["variant"]), {})[column] = float(row["value"])
+    lines = [{"category": c, "variant": v, **values} for (c, v), values in table.items()]
+    columns = ["category", "variant", "image AUROC", "pixel AUROC"]
+    return "\n\n".join([
+        "Mean over the categories:",
+        markdown_table([line for line in lines if line["category"] == "mean"], columns),
+        "Per category:",
+        markdown_table([line for line in lines if line["category"] != "mean"], columns),
+    ]) + "\n"  # fmt: skip
 
 
 if __name__ == "__main__":
