@@ -263,6 +263,26 @@ def fit_on_category(model: FeatureDDPM, ckpt: dict, data_root: Path, category: s
     model.prepare_inference()
 
 
+def fitted_anomalib(args: argparse.Namespace, category: str, data: dict[str, Tensor], models: dict[str, FeatureDDPM]
+                    ) -> tuple[torch.nn.Module, Callable, float | None, float]:
+    """anomalib's model fitted on `category` (or its kept bank), its input normalisation, its fit seconds (None
+    if reused), and the largest difference between its stage features and each of our models' (refused above
+    FEATURE_TOLERANCE: not the same weights)."""
+    model, normalise = build_anomalib(args.num_neighbors)
+    image = data["test"][:1]
+    difference = max(feature_difference(model, normalise, ours, image) for ours in models.values())
+    if difference > FEATURE_TOLERANCE:
+        raise SystemExit(f"anomalib's features differ from ours by {difference:.2e} (> {FEATURE_TOLERANCE}): "
+                         "not the same weights")  # fmt: skip
+    bank_name = f"{args.data_root.name}_{category}_ratio{args.coreset_ratio}_seed{args.seed}.pt"
+    bank = None if args.banks is None else args.banks / bank_name
+    seconds = fit_anomalib(model, normalise, data["train"], args.coreset_ratio, args.seed, bank)
+    took = "reused" if seconds is None else f"{seconds:.0f} s"
+    print(f"{category}: anomalib fitted on {len(data['train'])} images ({took}), memory bank "
+          f"{tuple(model.memory_bank.shape)}", flush=True)  # fmt: skip
+    return model, normalise, seconds, difference
+
+
 def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[str]) -> tuple[list[dict], dict]:
     """Fit anomalib per category and score every model; long-format rows, the largest feature difference,
     anomalib's fit seconds per category, the latency category's models and test images, and what the paired
@@ -275,22 +295,8 @@ def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[st
     for category in categories:
         data = split_tensors(first_dir, category, args.data_root)
         models = {label: load_ours(run_dir, category) for label, run_dir in ours.items()}
-        anomalib_model, normalise = build_anomalib(args.num_neighbors)
-        for model in models.values():
-            max_difference = max(max_difference, feature_difference(anomalib_model, normalise, model, data["test"][:1]))
-        if max_difference > FEATURE_TOLERANCE:
-            raise SystemExit(
-                f"anomalib's features differ from ours by {max_difference:.2e} (> {FEATURE_TOLERANCE}): "
-                "not the same weights"
-            )
-        bank_name = f"{args.data_root.name}_{category}_ratio{args.coreset_ratio}_seed{args.seed}.pt"
-        bank = None if args.banks is None else args.banks / bank_name
-        fit_seconds[category] = fit_anomalib(
-            anomalib_model, normalise, data["train"], args.coreset_ratio, args.seed, bank
-        )
-        took = "reused" if fit_seconds[category] is None else f"{fit_seconds[category]:.0f} s"
-        shape = tuple(anomalib_model.memory_bank.shape)
-        print(f"{category}: anomalib fitted on {len(data['train'])} images ({took}), memory bank {shape}", flush=True)
+        anomalib_model, normalise, fit_seconds[category], difference = fitted_anomalib(args, category, data, models)
+        max_difference = max(max_difference, difference)
         results = {ANOMALIB: anomalib_outputs(anomalib_model, normalise, data["test"])}
         for label, model in models.items():
             model.prepare_inference()
@@ -304,22 +310,35 @@ def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[st
         truth["groups"] += [category] * len(data["labels"])
         truth["labels"].append(data["labels"])
         truth["masks"].append(data["masks"][:, 0])  # [M, 1, H, W] -> [M, H, W]
-        results = {name: aurocs(*result, data) for name, result in results.items()}
-        for name, values in results.items():
-            print(f"{category}: {name:>10} image AUROC {values['image_auroc']:.4f}, "
-                  f"pixel AUROC {values['pixel_auroc']:.4f}", flush=True)
-            rows += [{"model": name, "category": category, "metric": k, "value": v} for k, v in values.items()]
+        rows += auroc_rows(category, results, data)
         if category == args.latency_category:
-            scorers = {ANOMALIB: lambda image, m=anomalib_model, n=normalise: m(n(image))}
-            scorers |= {label: lambda image, m=m: m.score_batch(image, heads=[HEAD]) for label, m in models.items()}
-            scorers |= {  # a copy: the model's heads are fitted on the next category next
-                label: lambda image, m=copy.deepcopy(model), h=head: m.score_batch(image, heads=[h])
-                for label, (model, _, head) in paired.items()
-            }
-            latency = {"scorers": scorers, "images": data["test"][: args.warmup + args.images]}
+            latency = {"scorers": category_scorers(anomalib_model, normalise, models, paired),
+                       "images": data["test"][: args.warmup + args.images]}  # fmt: skip
     extra = {"max_difference": max_difference, "fit_seconds": fit_seconds, "latency": latency}
     return rows, extra | {"paired": {name: outputs[name] for name in paired}, "anomalib": outputs[ANOMALIB],
                           "truth": truth}
+
+
+def auroc_rows(category: str, results: dict[str, tuple[Tensor, Tensor]], data: dict[str, Tensor]) -> list[dict]:
+    """Image and pixel AUROC of each model's (scores, maps) on `category`, printed and as long-format rows."""
+    rows = []
+    for name, result in results.items():
+        values = aurocs(*result, data)
+        print(f"{category}: {name:>10} image AUROC {values['image_auroc']:.4f}, "
+              f"pixel AUROC {values['pixel_auroc']:.4f}", flush=True)  # fmt: skip
+        rows += [{"model": name, "category": category, "metric": k, "value": v} for k, v in values.items()]
+    return rows
+
+
+def category_scorers(anomalib_model: torch.nn.Module, normalise: Callable, models: dict[str, FeatureDDPM],
+                     paired: dict[str, tuple[FeatureDDPM, dict, str]]) -> dict[str, Callable[[Tensor], object]]:
+    """Batch-1 scorers of the latency category: anomalib's, our patchcore models', and the --paired models' as
+    fitted on this category (copies: their heads are fitted on the next category next)."""
+    scorers = {ANOMALIB: lambda image, m=anomalib_model, n=normalise: m(n(image))}
+    scorers |= {label: lambda image, m=m: m.score_batch(image, heads=[HEAD]) for label, m in models.items()}
+    scorers |= {label: lambda image, m=copy.deepcopy(model), h=head: m.score_batch(image, heads=[h])
+                for label, (model, _, head) in paired.items()}  # fmt: skip
+    return scorers
 
 
 def latency_scorers(specs: list[str], head_args: dict | None) -> dict[str, Callable[[Tensor], object]]:
