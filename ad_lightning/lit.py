@@ -648,7 +648,8 @@ def plain(value):
 def default_changes(stored: dict | None, heads: nn.ModuleDict) -> list[str]:
     """The settings of the configured heads that differ from those a checkpoint's heads were built with,
     though no option asked for it: a default changed in this version of the code since the checkpoint was
-    written, so its fitted state may no longer fit the head. Nothing to compare for checkpoints written
+    written, so its fitted state may no longer fit the head. Settings that never change a score (a head's
+    `neutral_settings`, e.g. a chunk size) are not compared. Nothing to compare for checkpoints written
     before the settings were kept (`stored` None) or for a head the checkpoint lacks (`scoring_changes`)."""
     changes = []
     for name, head in heads.items():
@@ -657,7 +658,7 @@ def default_changes(stored: dict | None, heads: nn.ModuleDict) -> list[str]:
         current = plain(head.config)
         changes += [
             f"head {name}'s default {key}: {current.get(key)} (checkpoint: {stored[name].get(key)})"
-            for key in sorted(set(current) | set(stored[name]))
+            for key in sorted((set(current) | set(stored[name])) - set(head.neutral_settings))
             if current.get(key) != stored[name].get(key)
         ]
     return changes

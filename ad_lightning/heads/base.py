@@ -86,6 +86,7 @@ class Head(FittedState):
     blur_sigma: float | None = None  # the head's own blur of upsampled maps; None: the model's `blur_sigma`
     exportable = False  # whether `export` can trace its scoring to ONNX (plain tensor maths only)
     sweeps: dict[str, str] = {}  # `ablate` options (steps, timesteps, perturbation) -> constructor arguments
+    neutral_settings: tuple[str, ...] = ()  # constructor arguments that change memory or speed, never a score
 
     def __init__(self) -> None:
         super().__init__()

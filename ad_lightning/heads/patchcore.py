@@ -100,6 +100,7 @@ class PatchCoreHead(Head):
     name = "patchcore"
     needs_train_fit = True
     scaled = False  # divide each channel by its spread on the training patches (the features are standardised)
+    neutral_settings = ("chunk",)
 
     def __init__(
         self,

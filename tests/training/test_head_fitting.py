@@ -151,6 +151,10 @@ def test_a_head_default_changed_since_the_checkpoint_has_its_heads_refitted(easy
     assert model.scoring_changes == ["head irf's default t_star: 200 (checkpoint: 100)"]
     assert not model.heads_current and torch.isnan(model.heads["irf"].threshold)  # fresh states, fitted before use
     assert "head irf's default t_star: 200 (checkpoint: 100)" in model.refit_reason()
+    ckpt["head_configs"]["irf"]["t_star"] = 200
+    ckpt["head_configs"]["irf_bank"]["chunk"] = 17  # memory only: no score changes, no refit
+    torch.save(ckpt, older)
+    assert FeatureDDPM.from_checkpoint(str(older)).scoring_changes == []
     del ckpt["head_configs"]  # written before the settings were kept: nothing to compare
     torch.save(ckpt, older)
     assert FeatureDDPM.from_checkpoint(str(older)).scoring_changes == []
