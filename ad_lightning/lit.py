@@ -651,9 +651,11 @@ def default_changes(stored: dict | None, heads: nn.ModuleDict) -> list[str]:
     written, so its fitted state may no longer fit the head. Settings that never change a score (a head's
     `neutral_settings`, e.g. a chunk size) are not compared. Nothing to compare for checkpoints written
     before the settings were kept (`stored` None) or for a head the checkpoint lacks (`scoring_changes`)."""
+    if stored is None:
+        return []
     changes = []
     for name, head in heads.items():
-        if stored is None or name not in stored:
+        if name not in stored:
             continue
         current = plain(head.config)
         changes += [

@@ -61,7 +61,7 @@ import numpy as np
 import timm
 import torch
 import yaml
-from harness import cpu_model, threads_for_load
+from harness import cpu_model, fit_heads_on_category, threads_for_load
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
@@ -256,13 +256,6 @@ def paired_models(specs: list[str], head_args: dict | None) -> dict[str, tuple[F
     return models
 
 
-def fit_on_category(model: FeatureDDPM, ckpt: dict, data_root: Path, category: str) -> None:
-    """Fit `model`'s heads on `category`'s normal training and validation images alone, as `benchmark
-    --ckpt_path` does, then prepare it for scoring."""
-    model.fit_heads(datamodule_of(ckpt, overrides={"root": str(data_root), "category": category}))
-    model.prepare_inference()
-
-
 def fitted_anomalib(args: argparse.Namespace, category: str, data: dict[str, Tensor], models: dict[str, FeatureDDPM]
                     ) -> tuple[torch.nn.Module, Callable, float | None, float]:
     """anomalib's model fitted on `category` (or its kept bank), its input normalisation, its fit seconds (None
@@ -303,7 +296,8 @@ def accuracy(args: argparse.Namespace, ours: dict[str, str], categories: list[st
             results[label] = our_outputs(model, data["test"])
             print(f"{category}: ours ({label}) memory bank {tuple(model.heads[HEAD].memory_bank.shape)}", flush=True)
         for label, (model, ckpt, head) in paired.items():
-            fit_on_category(model, ckpt, args.data_root, category)
+            fit_heads_on_category(model, ckpt, args.data_root, category)
+            model.prepare_inference()
             results[label] = our_outputs(model, data["test"], head)
         for name in outputs:
             outputs[name].append(results[name])

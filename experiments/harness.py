@@ -73,6 +73,14 @@ def prepare_experiment(args: argparse.Namespace) -> tuple[str, AnomalyDataModule
     return ckpt_path, datamodule, device
 
 
+def fit_heads_on_category(model, ckpt: dict, data_root: Path, category: str) -> AnomalyDataModule:
+    """Fit `model`'s heads on `category`'s normal training and validation images alone, from the checkpoint's
+    DataModule at `data_root` (as `benchmark --ckpt_path` does); returns that DataModule."""
+    datamodule = datamodule_of(ckpt, overrides={"root": str(data_root), "category": category})
+    model.fit_heads(datamodule)
+    return datamodule
+
+
 def threads_for_load() -> int:
     """One torch thread when the CPU is busier than its cores (1-minute load average >= CPU count), else
     torch's default. On the shared 2-core machine under load 5 to 7, two threads per process made a

@@ -26,15 +26,13 @@ import copy
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from harness import threads_for_load
-from sklearn.metrics import roc_auc_score
+from harness import fit_heads_on_category, threads_for_load
 from torch import Tensor
 
 from ad_lightning.checkpoint import load_checkpoint
-from ad_lightning.data.stored import datamodule_of
+from ad_lightning.evaluation.metrics import image_auroc, pixel_auroc
 from ad_lightning.evaluation.tables import markdown_table, write_csv
 from ad_lightning.features.backbone import aggregate
 from ad_lightning.heads import build_head
@@ -58,13 +56,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def images_of(dataset) -> tuple[Tensor, np.ndarray | None, Tensor | None]:
+def images_of(dataset) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """A split's images [N, 3, H, W], and for the test split its labels [N] and masks [N, H, W]."""
     items = list(dataset)
     images = torch.stack([item["image"] for item in items])
     if "label" not in items[0]:
         return images, None, None
-    return images, torch.stack([i["label"] for i in items]).numpy(), torch.stack([i["mask"] for i in items])[:, 0]
+    return images, torch.stack([i["label"] for i in items]), torch.stack([i["mask"] for i in items])[:, 0]
 
 
 @torch.no_grad()
@@ -111,8 +109,7 @@ def zscored(outputs: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 def category_rows(model: FeatureDDPM, ckpt: dict, data_root: Path, category: str) -> list[dict]:
     """Fit the heads on `category`, score every variant on its test split; one row per (variant, metric)."""
-    datamodule = datamodule_of(ckpt, overrides={"root": str(data_root), "category": category})
-    model.fit_heads(datamodule)
+    datamodule = fit_heads_on_category(model, ckpt, data_root, category)
     stages_view = copy.deepcopy(model.backbone)  # before `prepare_inference` folds its BatchNorms
     stages_view.aggregate = model.heads["irf_bank"].aggregate
     datamodule.setup("fit")
@@ -136,9 +133,7 @@ def category_rows(model: FeatureDDPM, ckpt: dict, data_root: Path, category: str
     rows = []
     for name, output in outputs.items():
         scores, maps = output["test"]
-        pixels = masks.flatten().numpy().astype(np.int8)
-        values = {"image_auroc": roc_auc_score(labels, scores.numpy()),
-                  "pixel_auroc": roc_auc_score(pixels, maps.flatten().numpy())}  # fmt: skip
+        values = {"image_auroc": image_auroc(scores, labels), "pixel_auroc": pixel_auroc(maps, masks)}
         print(f"{category}: {name:>15} image AUROC {values['image_auroc']:.4f}, "
               f"pixel AUROC {values['pixel_auroc']:.4f}", flush=True)  # fmt: skip
         rows += [{"category": category, "variant": name, "metric": k, "value": float(v)} for k, v in values.items()]

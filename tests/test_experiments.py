@@ -278,12 +278,15 @@ def test_anomalib_patchcore_pairs_a_model_with_anomalib_on_the_same_images(anoma
 
 
 def test_anomalib_patchcore_fits_a_paired_models_heads_on_one_category(anomalib_patchcore, easy_model):
+    from harness import fit_heads_on_category  # on sys.path through the anomalib_patchcore fixture
+
     irf_only = {"ensemble": {"weights": {"irf": 1.0}}}
     models = anomalib_patchcore["paired_models"]([f"e={easy_model.ckpt}:ensemble"], irf_only)
     model, ckpt, head = models["e"]
     assert head == "ensemble" and set(model.heads) >= {"irf", "ensemble"}
     model.heads_fitted_on = ["other"]
-    anomalib_patchcore["fit_on_category"](model, ckpt, easy_model.root, "easy")
+    assert fit_heads_on_category(model, ckpt, easy_model.root, "easy").categories == ["easy"]
+    model.prepare_inference()
     assert model.heads_fitted_on == ["easy"] and model.refit_reason(["easy"]) is None
     scores, maps = anomalib_patchcore["our_outputs"](model, torch.rand(2, 3, 128, 128), "ensemble")
     assert scores.shape == (2,) and maps.shape == (2, 128, 128) and torch.isfinite(maps).all()

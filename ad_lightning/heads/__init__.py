@@ -52,7 +52,8 @@ def resolved_arguments(factory: Callable, kwargs: dict) -> dict:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             forwarded = arguments.pop(name)
             parent = next(base for base in factory.__mro__[1:] if "__init__" in vars(base))
-            explicit = {k: v for k, v in arguments.items() if k in inspect.signature(parent).parameters}
+            parent_parameters = inspect.signature(parent).parameters
+            explicit = {k: v for k, v in arguments.items() if k in parent_parameters}
             arguments = {**resolved_arguments(parent, {**explicit, **forwarded}), **arguments}
     return arguments
 
